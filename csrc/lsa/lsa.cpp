@@ -1,0 +1,15 @@
+// The op schema shared by the CPU and CUDA implementations, and the Python module that loads it.
+#include <Python.h>
+#include <torch/library.h>
+
+// Returns (matched_query (P, T) int64, status (P,) int32): for each valid target column the query
+// assigned to it, -1 for padding and unmatched targets; status per problem (solver.h: Status).
+TORCH_LIBRARY(group_detr, m) {
+  m.def("batched_lsa(Tensor cost, Tensor num_targets) -> (Tensor, Tensor)");
+}
+
+// Importing group_detr._C runs the static registrations above; the module itself is empty.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}

@@ -1,0 +1,12 @@
+"""group-detr: Group DETR training with a batched Hungarian solver and grouped attention kernels."""
+from group_detr._ext import backends
+from group_detr.assignment import linear_sum_assignment, scipy_compatible
+from group_detr.matcher import GroupMatcher
+
+__all__ = [
+    "backends",
+    "linear_sum_assignment",
+    "scipy_compatible",
+    "GroupMatcher",
+]
+__version__ = "0.1.0"

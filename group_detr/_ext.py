@@ -1,0 +1,63 @@
+"""Loads the compiled extension once and reports which backends exist.
+
+The package must import and work without the extension (through the scipy / PyTorch reference
+paths), so a failed load is turned into a single warning rather than an ImportError.
+"""
+import importlib.util
+import warnings
+
+import torch
+
+_C = None
+_LOAD_ERROR = None
+
+try:
+    from group_detr import _C  # noqa: F401  (loading it registers torch.ops.group_detr.*)
+except ImportError as exc:  # pragma: no cover - exercised only on installs without a build
+    _LOAD_ERROR = exc
+    warnings.warn(
+        "group_detr._C is not built, so the batched Hungarian solver falls back to the scipy "
+        f"reference path (slower). Build it with `pip install --no-build-isolation -e .` ({exc})",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def has_lsa_cpu() -> bool:
+    return _C is not None and hasattr(torch.ops.group_detr, "batched_lsa")
+
+
+def has_lsa_cuda() -> bool:
+    if not (has_lsa_cpu() and torch.cuda.is_available()):
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key("group_detr::batched_lsa", "CUDA")
+
+
+def has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def backends() -> dict:
+    """What this install can run: {name: bool}.
+
+    lsa_cpu / lsa_cuda: the compiled batched solver; scipy: the reference solver;
+    triton: the Triton package is importable; triton_cuda: the attention kernel can run on a GPU.
+    """
+    return {
+        "lsa_cpu": has_lsa_cpu(),
+        "lsa_cuda": has_lsa_cuda(),
+        "scipy": importlib.util.find_spec("scipy") is not None,
+        "triton": has_triton(),
+        "triton_cuda": has_triton() and torch.cuda.is_available(),
+    }
+
+
+if _C is not None:
+
+    @torch.library.register_fake("group_detr::batched_lsa")
+    def _batched_lsa_fake(cost, num_targets):
+        # Shapes only, so torch.compile can trace through the solver without running it.
+        num_problems, _, num_cols = cost.shape
+        matched = cost.new_empty((num_problems, num_cols), dtype=torch.int64)
+        status = cost.new_empty((num_problems,), dtype=torch.int32)
+        return matched, status

@@ -1,0 +1,170 @@
+"""Batched linear assignment: validation, dispatch to the compiled solver, scipy reference path.
+
+All problems of a padded `(P, Q, T)` cost tensor are solved in one call. The compiled solver
+(`torch.ops.group_detr.batched_lsa`, csrc/lsa/) runs the same shortest-augmenting-path algorithm
+as scipy (Crouse 2016), in float64, with scipy's own scan and tie order, so that assignments are
+identical to scipy's, not merely of equal cost.
+"""
+import numpy as np
+import torch
+from torch import Tensor
+
+from group_detr import _ext
+
+BACKENDS = ("auto", "cpu", "cuda", "scipy")
+
+# Per-problem status codes written by the compiled solver (csrc/lsa/solver.h: LsaStatus).
+STATUS_OK = 0
+STATUS_INVALID_ENTRY = 1
+STATUS_INFEASIBLE = 2
+STATUS_BAD_NUM_TARGETS = 3
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_inputs(cost, num_targets):
+    if not isinstance(cost, Tensor):
+        raise TypeError(f"cost must be a torch.Tensor of shape (P, Q, T), got {type(cost).__name__}")
+    if cost.dim() != 3:
+        raise ValueError(
+            f"cost must have shape (P, Q, T) (problems, queries, targets), got {tuple(cost.shape)}"
+        )
+    if cost.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"cost must be float16, bfloat16, float32 or float64, got {cost.dtype} "
+            "(convert integer costs with .double(): float64 holds integers up to 2**53 exactly)"
+        )
+    num_problems, _, num_cols = cost.shape
+    if num_targets is None:
+        return torch.full((num_problems,), num_cols, dtype=torch.int64, device=cost.device)
+    if not isinstance(num_targets, Tensor):
+        num_targets = torch.as_tensor(num_targets, dtype=torch.int64, device=cost.device)
+    if num_targets.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"num_targets must be int32 or int64, got {num_targets.dtype}")
+    if num_targets.shape != (num_problems,):
+        raise ValueError(
+            f"num_targets must have shape (P,) = ({num_problems},), got {tuple(num_targets.shape)}"
+        )
+    if num_targets.device != cost.device:
+        raise ValueError(
+            f"num_targets is on {num_targets.device} but cost is on {cost.device}; "
+            "keep both on the same device"
+        )
+    return num_targets.to(torch.int64)
+
+
+def _resolve_backend(backend, device):
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if device.type == "cuda" and _ext.has_lsa_cuda():
+            return "cuda"
+        return "cpu" if _ext.has_lsa_cpu() else "scipy"
+    if backend == "cuda":
+        if device.type != "cuda":
+            raise ValueError("backend='cuda' needs the cost on a CUDA device")
+        if not _ext.has_lsa_cuda():
+            raise RuntimeError("backend='cuda' requested but group_detr._C was built without CUDA")
+    if backend == "cpu" and not _ext.has_lsa_cpu():
+        raise RuntimeError("backend='cpu' requested but group_detr._C is not built")
+    return backend
+
+
+def raise_for_status(status: Tensor) -> None:
+    """Turn the solver's per-problem status `(P,)` into a ValueError naming the first bad problem."""
+    bad = torch.nonzero(status != STATUS_OK)
+    if bad.numel() == 0:
+        return
+    index = int(bad[0, 0])
+    code = int(status[index])
+    count = bad.shape[0]
+    more = f" ({count - 1} more problems failed too)" if count > 1 else ""
+    if code == STATUS_INVALID_ENTRY:
+        reason = "contains NaN or -inf (use +inf to forbid a pair)"
+    elif code == STATUS_INFEASIBLE:
+        reason = "is infeasible: no complete assignment has a finite cost"
+    elif code == STATUS_BAD_NUM_TARGETS:
+        reason = "has num_targets outside [0, T]"
+    else:
+        reason = f"failed with status {code}"
+    raise ValueError(f"cost of problem {index} {reason}{more}")
+
+
+def _solve_scipy(cost: Tensor, num_targets: Tensor) -> Tensor:
+    from scipy.optimize import linear_sum_assignment as scipy_lsa
+
+    num_problems, _, num_cols = cost.shape
+    matched = torch.full((num_problems, num_cols), -1, dtype=torch.int64)
+    cost_np = cost.detach().to("cpu", torch.float64).numpy()
+    counts = num_targets.tolist()
+    for p in range(num_problems):
+        m = counts[p]
+        if not 0 <= m <= num_cols:
+            raise ValueError(f"cost of problem {p} has num_targets outside [0, T]")
+        c = cost_np[p, :, :m]
+        if np.isnan(c).any() or np.isneginf(c).any():
+            raise ValueError(f"cost of problem {p} contains NaN or -inf (use +inf to forbid a pair)")
+        if c.size == 0:
+            continue
+        try:
+            rows, cols = scipy_lsa(c)
+        except ValueError as exc:
+            raise ValueError(
+                f"cost of problem {p} is infeasible: no complete assignment has a finite cost"
+            ) from exc
+        matched[p, torch.from_numpy(cols)] = torch.from_numpy(rows)
+    return matched.to(cost.device)
+
+
+def linear_sum_assignment(
+    cost: Tensor, num_targets=None, backend: str = "auto", validate: bool = True
+) -> Tensor:
+    """Solve P independent rectangular assignment problems in one call.
+
+    Args:
+        cost: `(P, Q, T)` float tensor (float16/bfloat16 are solved in float32 precision or
+            better): P problems, Q queries (rows), T padded target columns. `+inf` forbids a pair.
+        num_targets: `(P,)` int tensor (or sequence) of valid target columns per problem;
+            columns `>= num_targets[p]` are padding. Default: all T columns are valid.
+        backend: "auto" (compiled solver of the cost's device, else scipy), "cpu", "cuda" or
+            "scipy" (the reference path: one scipy call per problem).
+        validate: raise ValueError for NaN/-inf costs, infeasible problems and out-of-range
+            num_targets. With validate=False nothing synchronises with the host (CUDA-graph
+            capture); failed problems then come back as rows of -1.
+
+    Returns:
+        `(P, T)` int64 on the cost's device: the query assigned to each target column, -1 for
+        padding columns and for targets left unmatched when a problem has more targets than
+        queries. The total cost is minimal and the assignment equals scipy's.
+    """
+    num_targets = _check_inputs(cost, num_targets)
+    backend = _resolve_backend(backend, cost.device)
+    if backend == "scipy":
+        return _solve_scipy(cost, num_targets)
+    if cost.dtype in (torch.float16, torch.bfloat16):
+        cost = cost.float()
+    if backend == "cpu" and cost.device.type != "cpu":
+        matched, status = torch.ops.group_detr.batched_lsa(cost.cpu(), num_targets.cpu())
+        matched, status = matched.to(cost.device), status.to(cost.device)
+    else:
+        matched, status = torch.ops.group_detr.batched_lsa(cost, num_targets)
+    if validate:
+        raise_for_status(status)
+    return matched
+
+
+def scipy_compatible(cost_matrix, maximize: bool = False):
+    """Drop-in for `scipy.optimize.linear_sum_assignment` on one 2-D matrix.
+
+    Returns `(row_ind, col_ind)` int64 numpy arrays with row_ind sorted, exactly as scipy does.
+    """
+    cost = torch.as_tensor(np.asarray(cost_matrix, dtype=np.float64))
+    if cost.dim() != 2:
+        raise ValueError(f"expected a matrix (2-d array), got a {cost.dim()}-d array")
+    if maximize:
+        cost = -cost
+    matched = linear_sum_assignment(cost[None])[0]
+    cols = torch.nonzero(matched >= 0).flatten()
+    rows = matched[cols]
+    order = torch.argsort(rows)
+    return rows[order].numpy(), cols[order].numpy()

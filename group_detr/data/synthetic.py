@@ -1,0 +1,193 @@
+"""A COCO-format synthetic detection dataset: coloured shapes on textured backgrounds.
+
+`write_synthetic_dataset(out_dir)` writes
+
+    out_dir/train/000000.jpg ...           images
+    out_dir/val/000000.jpg ...
+    out_dir/annotations/instances_train.json
+    out_dir/annotations/instances_val.json
+
+in the layout `group_detr.data.coco` reads (the same as COCO's `train2017/` + `annotations/`).
+It is the embedded default for the demo and the tests: small enough to generate in seconds, hard
+enough that a detector has to learn classes, sizes from small to large, overlaps and occlusion.
+
+Shapes are drawn one after another, so later shapes occlude earlier ones. Each annotation is the
+box of the *visible* pixels (what COCO annotates); a shape hidden by more than
+`1 - MIN_VISIBLE_FRACTION` of its area is not annotated. A few images have no objects at all.
+Everything comes from one seeded numpy generator per split, so a given seed always gives the
+same files.
+"""
+import json
+import math
+import os
+from typing import Dict, List, Tuple
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+CLASS_NAMES = ("circle", "square", "triangle", "cross", "star")
+MIN_VISIBLE_FRACTION = 0.35
+EMPTY_IMAGE_PROBABILITY = 0.03
+SPLIT_SEED_OFFSET = {"train": 0, "val": 1_000_003}
+
+
+def _polygon(kind: str, cx: float, cy: float, size: float, angle: float) -> List[Tuple[float, float]]:
+    """Vertices of a shape of diameter `size` centred at (cx, cy), rotated by `angle` radians."""
+    r = size / 2
+    if kind == "square":
+        pts = [(-1, -1), (1, -1), (1, 1), (-1, 1)]
+        scale = r / math.sqrt(2) * 1.3
+    elif kind == "triangle":
+        pts = [(math.cos(a), math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
+        scale = r
+    elif kind == "cross":
+        t = 0.33  # half thickness of the bars, relative to r
+        pts = [(-t, -1), (t, -1), (t, -t), (1, -t), (1, t), (t, t), (t, 1), (-t, 1), (-t, t),
+               (-1, t), (-1, -t), (-t, -t)]
+        scale = r
+    elif kind == "star":
+        pts = []
+        for i in range(10):
+            a = -math.pi / 2 + i * math.pi / 5
+            rr = 1.0 if i % 2 == 0 else 0.45
+            pts.append((rr * math.cos(a), rr * math.sin(a)))
+        scale = r
+    else:
+        raise ValueError(f"unknown polygon kind {kind!r}")
+    c, s = math.cos(angle), math.sin(angle)
+    return [(cx + scale * (x * c - y * s), cy + scale * (x * s + y * c)) for x, y in pts]
+
+
+def _shape_mask(kind: str, width: int, height: int, cx: float, cy: float, size: float,
+                angle: float) -> np.ndarray:
+    """Boolean `(height, width)` mask of one shape."""
+    canvas = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(canvas)
+    if kind == "circle":
+        r = size / 2
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
+    else:
+        draw.polygon(_polygon(kind, cx, cy, size, angle), fill=255)
+    return np.asarray(canvas) > 127
+
+
+def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+    """A float `(height, width, 3)` textured background in [0, 255]: gradient + stripes + noise."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = rng.uniform(40, 215, size=3)
+    direction = rng.uniform(0, 2 * math.pi)
+    gradient = (np.cos(direction) * xx + np.sin(direction) * yy) / max(width, height)
+    image = base + rng.uniform(-50, 50, size=3) * gradient[..., None]
+    # Stripes or a checkerboard at low contrast, so that edges alone do not give objects away.
+    period = rng.uniform(6, 30)
+    theta = rng.uniform(0, math.pi)
+    phase = (np.cos(theta) * xx + np.sin(theta) * yy) * 2 * math.pi / period
+    if rng.random() < 0.5:
+        texture = np.sin(phase)
+    else:
+        texture = np.sign(np.sin(xx * 2 * math.pi / period)) * np.sign(np.sin(yy * 2 * math.pi / period))
+    image += rng.uniform(5, 25) * texture[..., None] * rng.uniform(0.5, 1.0, size=3)
+    image += rng.normal(0, rng.uniform(2, 10), size=image.shape)
+    return image
+
+
+def _render_image(rng: np.random.Generator, width: int, height: int, max_objects: int
+                  ) -> Tuple[np.ndarray, List[Dict]]:
+    """One image `(height, width, 3)` uint8 and its annotations (label, xywh box, visible area)."""
+    image = _background(rng, width, height)
+    num_objects = 0 if rng.random() < EMPTY_IMAGE_PROBABILITY else int(rng.integers(1, max_objects + 1))
+    owner = np.full((height, width), -1, dtype=np.int64)  # index of the shape visible at a pixel
+    full_area = []
+    labels = []
+    short_side = min(width, height)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    for index in range(num_objects):
+        label = int(rng.integers(len(CLASS_NAMES)))
+        # Log-uniform sizes: as many small objects as large ones, from 8 px to 0.8 of the image.
+        size = float(np.exp(rng.uniform(math.log(8), math.log(0.8 * short_side))))
+        cx = float(rng.uniform(0.1 * width, 0.9 * width))
+        cy = float(rng.uniform(0.1 * height, 0.9 * height))
+        mask = _shape_mask(CLASS_NAMES[label], width, height, cx, cy, size, float(rng.uniform(0, 2 * math.pi)))
+        if not mask.any():
+            continue
+        colour = rng.uniform(0, 255, size=3)
+        # Shapes are shaded rather than flat so the class has to come from the outline.
+        shade = 1.0 + 0.25 * np.sin((xx + yy) * 2 * math.pi / rng.uniform(8, 40))
+        image[mask] = np.clip(colour[None, :] * shade[mask][:, None], 0, 255)
+        owner[mask] = index
+        full_area.append(int(mask.sum()))
+        labels.append(label)
+    annotations = []
+    for index, label in enumerate(labels):
+        visible = owner == index
+        area = int(visible.sum())
+        if area < MIN_VISIBLE_FRACTION * full_area[index] or area < 4:
+            continue  # mostly hidden: a human annotator would not label it either
+        ys, xs = np.nonzero(visible)
+        x0, y0, x1, y1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+        annotations.append({"label": label, "bbox": [x0, y0, x1 - x0, y1 - y0], "area": area})
+    return np.clip(image, 0, 255).astype(np.uint8), annotations
+
+
+def _atomic_write_json(data: Dict, path: str) -> None:
+    tmp_path = path + ".tmp"
+    with open(tmp_path, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp_path, path)
+
+
+def write_split(out_dir: str, split: str, num_images: int, image_size: int = 160,
+                max_objects: int = 6, seed: int = 0) -> str:
+    """Write `out_dir/{split}/*.jpg` and `out_dir/annotations/instances_{split}.json`.
+
+    Returns the annotation file path. The json is written last and atomically, so its presence
+    means the split is complete.
+    """
+    if num_images < 1:
+        raise ValueError(f"num_images must be >= 1, got {num_images}")
+    if image_size < 32:
+        raise ValueError(f"image_size must be >= 32 pixels, got {image_size}")
+    if max_objects < 1:
+        raise ValueError(f"max_objects must be >= 1, got {max_objects}")
+    image_dir = os.path.join(out_dir, split)
+    ann_dir = os.path.join(out_dir, "annotations")
+    os.makedirs(image_dir, exist_ok=True)
+    os.makedirs(ann_dir, exist_ok=True)
+    rng = np.random.default_rng(seed + SPLIT_SEED_OFFSET.get(split, 0))
+    images, annotations = [], []
+    for image_id in range(1, num_images + 1):
+        # Mild aspect-ratio variation exercises padding masks in the collate.
+        height = image_size
+        width = int(round(image_size * float(rng.choice([1.0, 1.0, 0.75, 1.25]))))
+        pixels, objects = _render_image(rng, width, height, max_objects)
+        file_name = f"{image_id:06d}.jpg"
+        Image.fromarray(pixels).save(os.path.join(image_dir, file_name), quality=92)
+        images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
+        for obj in objects:
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": image_id,
+                "category_id": obj["label"] + 1,  # COCO category ids start at 1
+                "bbox": obj["bbox"], "area": obj["area"], "iscrowd": 0,
+            })
+    categories = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASS_NAMES)]
+    ann_path = os.path.join(ann_dir, f"instances_{split}.json")
+    _atomic_write_json({
+        "info": {"description": f"group-detr synthetic shapes, seed {seed}"},
+        "images": images, "annotations": annotations, "categories": categories,
+    }, ann_path)
+    return ann_path
+
+
+def write_synthetic_dataset(out_dir: str, num_train: int = 1500, num_val: int = 200,
+                            image_size: int = 160, max_objects: int = 6, seed: int = 0) -> Dict[str, str]:
+    """Write the train and val splits; returns {split: annotation file path}."""
+    return {
+        "train": write_split(out_dir, "train", num_train, image_size, max_objects, seed),
+        "val": write_split(out_dir, "val", num_val, image_size, max_objects, seed),
+    }
+
+
+def synthetic_dataset_exists(out_dir: str) -> bool:
+    """True when both annotation files exist (they are written last, so the splits are complete)."""
+    return all(os.path.isfile(os.path.join(out_dir, "annotations", f"instances_{s}.json"))
+               for s in ("train", "val"))

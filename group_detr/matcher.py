@@ -1,0 +1,229 @@
+"""GroupMatcher: DETR's HungarianMatcher for K groups of queries, all problems in one solver call.
+
+Group DETR (Chen et al., ICCV 2023) matches every group of N queries one-to-one to the ground
+truth, so each target gets K positives. Public implementations build DETR's batch-wide
+`(B*K*N, sum M)` cost, copy it to the host and call scipy B*K times. Here the cost is built per
+image and group as one padded `(B*K, N, M_max)` tensor (B times fewer entries) and solved by one
+call of the batched solver.
+"""
+import torch
+from torch import Tensor, nn
+
+from group_detr.assignment import linear_sum_assignment
+from group_detr.box_ops import box_cxcywh_to_xyxy, check_boxes, generalized_box_iou
+
+CLASS_COSTS = ("focal", "softmax")
+
+
+def _get(mapping, *keys, what):
+    for key in keys:
+        if key in mapping:
+            return mapping[key]
+    raise KeyError(f"{what} not found: expected one of the keys {keys}, got {sorted(mapping)}")
+
+
+def pad_targets(targets, num_classes: int, device):
+    """Stack per-image targets into padded tensors.
+
+    Returns labels `(B, M_max)` int64, boxes `(B, M_max, 4)` cxcywh and the list of M_i.
+    Padding rows hold label 0 and a valid unit box so that the costs stay finite; the solver
+    never looks at them (`num_targets`).
+    """
+    labels = [_get(t, "labels", "class_labels", what="target labels") for t in targets]
+    boxes = [_get(t, "boxes", what="target boxes") for t in targets]
+    sizes = [int(l.shape[0]) for l in labels]
+    for i, (l, b) in enumerate(zip(labels, boxes)):
+        if l.dim() != 1 or b.shape != (l.shape[0], 4):
+            raise ValueError(
+                f"target {i}: labels must be (M,) and boxes (M, 4), got {tuple(l.shape)} "
+                f"and {tuple(b.shape)}"
+            )
+        if l.is_floating_point():
+            raise TypeError(f"target {i}: labels must be integer class ids, got {l.dtype}")
+    max_targets = max(sizes, default=0)
+    num_images = len(targets)
+    labels_padded = torch.zeros((num_images, max_targets), dtype=torch.int64, device=device)
+    boxes_padded = torch.tensor([0.5, 0.5, 1.0, 1.0], device=device).repeat(
+        num_images, max_targets, 1
+    )
+    for i, (l, b) in enumerate(zip(labels, boxes)):
+        labels_padded[i, : sizes[i]] = l
+        boxes_padded[i, : sizes[i]] = b
+    if labels_padded.numel() and (
+        (labels_padded < 0).any() or (labels_padded >= num_classes).any()
+    ):
+        raise ValueError(f"target labels must be class ids in [0, {num_classes})")
+    check_boxes(boxes_padded, "target boxes")
+    return labels_padded, boxes_padded, sizes
+
+
+class GroupMatcher(nn.Module):
+    """One-to-one Hungarian matching per group of queries (Group DETR), as DETR's HungarianMatcher.
+
+    Args:
+        cost_class, cost_bbox, cost_giou: weights of the class, L1 box and GIoU costs
+            (Group DETR's defaults 2 / 5 / 2).
+        num_groups: default number of query groups K (1 = plain DETR matching).
+        class_cost: "focal" (Deformable/Conditional DETR, DINO) or "softmax" (DETR: -prob).
+        focal_alpha, focal_gamma: focal cost parameters.
+        backend: solver backend, see `group_detr.linear_sum_assignment`.
+        return_device: keep the indices on the outputs' device instead of DETR's CPU tensors.
+        validate: check targets and raise on NaN/infeasible costs (host synchronisation on CUDA).
+    """
+
+    def __init__(
+        self,
+        cost_class: float = 2.0,
+        cost_bbox: float = 5.0,
+        cost_giou: float = 2.0,
+        num_groups: int = 1,
+        class_cost: str = "focal",
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+        backend: str = "auto",
+        return_device: bool = False,
+        validate: bool = True,
+    ):
+        super().__init__()
+        if class_cost not in CLASS_COSTS:
+            raise ValueError(f"class_cost must be one of {CLASS_COSTS}, got {class_cost!r}")
+        if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
+            raise ValueError("all matching cost weights are 0")
+        _check_num_groups(num_groups)
+        self.cost_class = cost_class
+        self.cost_bbox = cost_bbox
+        self.cost_giou = cost_giou
+        self.num_groups = num_groups
+        self.class_cost = class_cost
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+        self.backend = backend
+        self.return_device = return_device
+        self.validate = validate
+
+    def class_cost_matrix(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """logits `(B, Q, C)`, labels `(B, M)` -> class cost `(B, Q, M)`.
+
+        The logits are gathered at the target classes before any transcendental function, so
+        the sigmoid/log run on B*Q*M entries instead of B*Q*C.
+        """
+        if self.class_cost == "softmax":
+            prob = logits.softmax(-1)
+            return -torch.gather(prob, 2, labels[:, None, :].expand(-1, prob.shape[1], -1))
+        picked = torch.gather(logits, 2, labels[:, None, :].expand(-1, logits.shape[1], -1))
+        prob = picked.sigmoid()
+        alpha, gamma = self.focal_alpha, self.focal_gamma
+        neg = (1 - alpha) * (prob**gamma) * (-(1 - prob + 1e-8).log())
+        pos = alpha * ((1 - prob) ** gamma) * (-(prob + 1e-8).log())
+        return pos - neg
+
+    @torch.no_grad()
+    def cost_matrix(self, outputs, targets):
+        """Padded matching cost `(B, Q, M_max)` for Q = K*N queries, and the target counts M_i."""
+        logits = _get(outputs, "pred_logits", "logits", what="class logits")
+        pred_boxes = _get(outputs, "pred_boxes", what="predicted boxes")
+        if logits.dim() != 3 or pred_boxes.dim() != 3 or pred_boxes.shape[-1] != 4:
+            raise ValueError(
+                "expected pred_logits (B, Q, num_classes) and pred_boxes (B, Q, 4), got "
+                f"{tuple(logits.shape)} and {tuple(pred_boxes.shape)}"
+            )
+        if logits.shape[:2] != pred_boxes.shape[:2]:
+            raise ValueError(
+                f"pred_logits {tuple(logits.shape)} and pred_boxes {tuple(pred_boxes.shape)} "
+                "disagree on batch size or number of queries"
+            )
+        if len(targets) != logits.shape[0]:
+            raise ValueError(f"got {len(targets)} targets for a batch of {logits.shape[0]} images")
+        labels, tgt_boxes, sizes = pad_targets(targets, logits.shape[-1], logits.device)
+        pred_boxes = pred_boxes.float()
+        tgt_boxes = tgt_boxes.to(pred_boxes.dtype)
+        cost = self.cost_class * self.class_cost_matrix(logits.float(), labels)
+        if self.cost_bbox:
+            cost = cost + self.cost_bbox * torch.cdist(pred_boxes, tgt_boxes, p=1)
+        if self.cost_giou:
+            giou = generalized_box_iou(box_cxcywh_to_xyxy(pred_boxes), box_cxcywh_to_xyxy(tgt_boxes))
+            cost = cost - self.cost_giou * giou
+        return cost, sizes
+
+    @torch.no_grad()
+    def forward(self, outputs, targets, num_groups=None, group_detr=None):
+        """Match K groups of queries to the targets.
+
+        Args:
+            outputs: dict with "pred_logits" (or "logits") `(B, K*N, num_classes)` and
+                "pred_boxes" `(B, K*N, 4)` normalised cxcywh.
+            targets: list of B dicts with "labels" (or "class_labels") `(M_i,)` int64 and
+                "boxes" `(M_i, 4)` normalised cxcywh.
+            num_groups: K for this call (`group_detr=` is accepted as an alias, as in
+                Conditional DETR's and LW-DETR's matchers); default `self.num_groups`.
+
+        Returns:
+            list of B tuples `(query_idx, target_idx)`, int64, query_idx ascending, the queries
+            of group g offset by g*N; each of the K groups matches min(N, M_i) pairs.
+        """
+        cost, sizes = self.cost_matrix(outputs, targets)
+        return self.assign(cost, sizes, num_groups if num_groups is not None else group_detr)
+
+    @torch.no_grad()
+    def assign(self, cost: Tensor, num_targets, num_groups=None):
+        """Match from a precomputed cost (masks, keypoints, other tasks).
+
+        Args:
+            cost: `(B, K*N, M_max)` cost of every query against every (padded) target.
+            num_targets: `(B,)` number of valid targets per image (list of int or tensor).
+            num_groups: K (default `self.num_groups`).
+
+        Returns: as `forward`.
+        """
+        num_groups = self.num_groups if num_groups is None else num_groups
+        _check_num_groups(num_groups)
+        if not isinstance(cost, Tensor) or cost.dim() != 3:
+            raise ValueError("cost must be a tensor of shape (B, K*N, M_max)")
+        num_images, num_queries, max_targets = cost.shape
+        if num_queries % num_groups:
+            raise ValueError(
+                f"the number of queries {num_queries} is not divisible by num_groups "
+                f"{num_groups}: Group DETR needs K groups of equal size N"
+            )
+        sizes = [int(m) for m in (num_targets.tolist() if isinstance(num_targets, Tensor) else num_targets)]
+        if len(sizes) != num_images:
+            raise ValueError(f"num_targets has {len(sizes)} entries for {num_images} images")
+        queries_per_group = num_queries // num_groups
+        counts = torch.tensor(sizes, dtype=torch.int64).repeat_interleave(num_groups)
+        matched = linear_sum_assignment(
+            cost.reshape(num_images * num_groups, queries_per_group, max_targets),
+            counts.to(cost.device),
+            backend=self.backend,
+            validate=self.validate,
+        )
+        return _to_detr_indices(matched, num_images, num_groups, queries_per_group, sizes,
+                                to_cpu=not self.return_device)
+
+
+def _check_num_groups(num_groups):
+    if not isinstance(num_groups, int) or isinstance(num_groups, bool) or num_groups < 1:
+        raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
+
+
+def _to_detr_indices(matched, num_images, num_groups, queries_per_group, sizes, to_cpu):
+    """Solver output `(B*K, M_max)` -> DETR's per-image `(query_idx, target_idx)`, query-sorted.
+
+    One sort for the whole batch: unmatched/padding entries get a key past every query, so
+    after sorting each image's valid pairs come first; their number, K * min(N, M_i), is known
+    on the host without looking at the result (no synchronisation needed for it).
+    """
+    max_targets = matched.shape[-1]
+    matched = matched.view(num_images, num_groups, max_targets)
+    offsets = torch.arange(num_groups, device=matched.device).view(1, -1, 1) * queries_per_group
+    sentinel = num_groups * queries_per_group
+    query = torch.where(matched >= 0, matched + offsets, sentinel).flatten(1)
+    target = torch.arange(max_targets, device=matched.device).expand(num_images, num_groups, -1)
+    query, order = torch.sort(query, dim=1)
+    target = torch.gather(target.flatten(1), 1, order)
+    if to_cpu:
+        query, target = query.cpu(), target.cpu()
+    return [
+        (query[b, : num_groups * min(queries_per_group, m)],
+         target[b, : num_groups * min(queries_per_group, m)])
+        for b, m in enumerate(sizes)
+    ]

@@ -1,0 +1,123 @@
+"""SetCriterion: Group DETR's losses (Conditional DETR's focal + L1 + GIoU, per decoder layer).
+
+Every group of N queries is matched one-to-one to the ground truth, so each target has K
+positives; the losses of all groups are summed and normalised by num_boxes * K (Group DETR,
+Sec. 3.2), with num_boxes averaged over DDP processes so every rank uses the same scale.
+The matching of all decoder layers (and all groups) is one GroupMatcher call: the layers are
+stacked along the batch dimension, which the matcher treats as independent images.
+"""
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from group_detr.box_ops import box_cxcywh_to_xyxy, check_boxes, elementwise_generalized_box_iou
+
+
+def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+    """Summed focal loss (RetinaNet) of logits and one-hot targets of the same shape -> `()`."""
+    prob = logits.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p_t = prob * targets + (1 - prob) * (1 - targets)
+    loss = ce * (1 - p_t) ** gamma
+    if alpha >= 0:
+        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
+    return loss.sum()
+
+
+def default_weight_dict(num_decoder_layers: int, cls: float = 2.0, bbox: float = 5.0,
+                        giou: float = 2.0) -> Dict[str, float]:
+    """Loss weights of Conditional / Group DETR, repeated for the auxiliary layers."""
+    weights = {"loss_ce": cls, "loss_bbox": bbox, "loss_giou": giou}
+    for i in range(num_decoder_layers - 1):
+        weights.update({f"{k}_{i}": v for k, v in list(weights.items())[:3]})
+    return weights
+
+
+def validate_targets(targets: Sequence[Dict[str, Tensor]], num_classes: int) -> None:
+    """Raise ValueError (naming the image) for labels outside [0, num_classes) or bad boxes."""
+    for i, target in enumerate(targets):
+        labels, boxes = target["labels"], target["boxes"]
+        outside = labels[(labels < 0) | (labels >= num_classes)]
+        if outside.numel():
+            raise ValueError(
+                f"target {i} has class id {int(outside[0])} outside [0, {num_classes}): the data has "
+                f"more classes than the model was built for (num_classes={num_classes})")
+        check_boxes(boxes, f"target {i} boxes")
+
+
+class SetCriterion(nn.Module):
+    """forward(outputs, targets) -> dict of unweighted losses; `weighted_sum` combines them.
+
+    outputs: the detector's dict, `pred_logits` `(B, K*N, C)`, `pred_boxes` `(B, K*N, 4)` and
+    optionally `aux_outputs`; K is read from the number of queries (K*N in training, N in eval).
+    targets: list of B dicts with `labels` `(M_i,)` int64 and `boxes` `(M_i, 4)` cxcywh.
+    Loss keys: loss_ce, loss_bbox, loss_giou for the last layer and loss_*_{i} for aux layer i.
+    """
+
+    def __init__(self, num_classes: int, matcher: nn.Module, weight_dict: Dict[str, float],
+                 queries_per_group: int, focal_alpha: float = 0.25, focal_gamma: float = 2.0):
+        super().__init__()
+        self.num_classes = num_classes
+        self.matcher = matcher
+        self.weight_dict = dict(weight_dict)
+        self.queries_per_group = queries_per_group
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+
+    def num_groups_of(self, outputs: Dict) -> int:
+        num_queries = outputs["pred_logits"].shape[1]
+        if num_queries % self.queries_per_group:
+            raise ValueError(f"{num_queries} queries are not a whole number of groups of {self.queries_per_group}")
+        return num_queries // self.queries_per_group
+
+    def normaliser(self, targets: Sequence[Dict], num_groups: int, device) -> Tensor:
+        """num_boxes (averaged over processes, at least 1) * K."""
+        num_boxes = torch.tensor(float(sum(len(t["labels"]) for t in targets)), device=device)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(num_boxes)
+            num_boxes = num_boxes / dist.get_world_size()
+        return num_boxes.clamp(min=1.0) * num_groups
+
+    def layer_losses(self, outputs: Dict, targets: Sequence[Dict], indices: List[Tuple[Tensor, Tensor]],
+                     normaliser: Tensor) -> Dict[str, Tensor]:
+        logits, pred_boxes = outputs["pred_logits"], outputs["pred_boxes"]
+        batch_idx = torch.cat([torch.full_like(q, i) for i, (q, _) in enumerate(indices)]).to(logits.device)
+        query_idx = torch.cat([q for q, _ in indices]).to(logits.device)
+        target_labels = torch.cat([t["labels"][j.to(t["labels"].device)] for t, (_, j) in zip(targets, indices)])
+        target_boxes = torch.cat([t["boxes"][j.to(t["boxes"].device)] for t, (_, j) in zip(targets, indices)])
+
+        onehot = torch.zeros_like(logits)
+        onehot[batch_idx, query_idx, target_labels.to(logits.device)] = 1.0
+        loss_ce = sigmoid_focal_loss(logits, onehot, self.focal_alpha, self.focal_gamma) / normaliser
+
+        matched_boxes = pred_boxes[batch_idx, query_idx]
+        target_boxes = target_boxes.to(matched_boxes)
+        loss_bbox = F.l1_loss(matched_boxes, target_boxes, reduction="sum") / normaliser
+        giou = elementwise_generalized_box_iou(box_cxcywh_to_xyxy(matched_boxes), box_cxcywh_to_xyxy(target_boxes))
+        loss_giou = (1 - giou).sum() / normaliser
+        return {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": loss_giou}
+
+    def forward(self, outputs: Dict, targets: Sequence[Dict], num_groups: Optional[int] = None) -> Dict[str, Tensor]:
+        validate_targets(targets, self.num_classes)
+        if num_groups is None:
+            num_groups = self.num_groups_of(outputs)
+        layers = [outputs] + list(outputs.get("aux_outputs", []))
+        # One matcher call for every layer: stack the layers as extra images.
+        stacked = {
+            "pred_logits": torch.cat([layer["pred_logits"] for layer in layers]).detach(),
+            "pred_boxes": torch.cat([layer["pred_boxes"] for layer in layers]).detach(),
+        }
+        all_indices = self.matcher(stacked, list(targets) * len(layers), num_groups=num_groups)
+        normaliser = self.normaliser(targets, num_groups, outputs["pred_logits"].device)
+        batch = len(targets)
+        losses = self.layer_losses(outputs, targets, all_indices[:batch], normaliser)
+        for i, aux in enumerate(layers[1:]):
+            aux_losses = self.layer_losses(aux, targets, all_indices[(i + 1) * batch:(i + 2) * batch], normaliser)
+            losses.update({f"{k}_{i}": v for k, v in aux_losses.items()})
+        return losses
+
+    def weighted_sum(self, losses: Dict[str, Tensor]) -> Tensor:
+        return sum(losses[k] * self.weight_dict[k] for k in losses if k in self.weight_dict)

@@ -1,0 +1,99 @@
+"""The Group DETR detector: backbone -> Conditional DETR transformer -> class and box heads.
+
+Training runs K groups of N queries (K*N query embeddings, decoder self-attention restricted
+to each group through a `QueryLayout`); `eval()` runs the first N queries with ordinary
+self-attention, so the exported model is a plain Conditional DETR and no group code runs.
+"""
+import math
+from typing import Dict, List, Optional
+
+import torch
+from torch import Tensor, nn
+
+from group_detr.layout import QueryLayout
+from group_detr.models.backbone import Joiner, build_backbone
+from group_detr.models.transformer import MLP, Transformer
+
+
+def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
+    x = x.clamp(min=0, max=1)
+    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+
+
+class GroupDETR(nn.Module):
+    """forward(images `(B, 3, H, W)`, mask `(B, H, W)` bool, True = padding) -> dict with
+
+    * `pred_logits` `(B, Q, num_classes)`: class logits (sigmoid / focal, no "no object" class),
+    * `pred_boxes` `(B, Q, 4)`: normalised cxcywh,
+    * `aux_outputs`: the same two for every decoder layer but the last (when aux_loss),
+
+    where Q = num_groups * num_queries in training and num_queries in eval. Group g's queries are
+    the slice [g*N, (g+1)*N), the format GroupMatcher expects.
+    """
+
+    def __init__(self, backbone: Joiner, transformer: Transformer, num_classes: int,
+                 num_queries: int = 300, num_groups: int = 11, aux_loss: bool = True):
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if num_queries < 1 or num_groups < 1:
+            raise ValueError(f"num_queries and num_groups must be >= 1, got {num_queries} and {num_groups}")
+        self.num_classes = num_classes
+        self.num_queries = num_queries
+        self.num_groups = num_groups
+        self.aux_loss = aux_loss
+        hidden_dim = transformer.d_model
+        self.backbone = backbone
+        self.transformer = transformer
+        self.input_proj = nn.Conv2d(backbone.num_channels, hidden_dim, kernel_size=1)
+        self.query_embed = nn.Embedding(num_groups * num_queries, hidden_dim)
+        self.class_embed = nn.Linear(hidden_dim, num_classes)
+        self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
+        # Focal-loss prior: start every class at probability 0.01 so the many negatives do not
+        # swamp the first iterations (RetinaNet; Conditional DETR).
+        nn.init.constant_(self.class_embed.bias, -math.log((1 - 0.01) / 0.01))
+        # Boxes start at the reference point with the size sigmoid(0) = 0.5.
+        nn.init.zeros_(self.bbox_embed.layers[-1].weight)
+        nn.init.zeros_(self.bbox_embed.layers[-1].bias)
+        self.layout = QueryLayout(num_groups=num_groups, queries_per_group=num_queries)
+
+    def active_queries(self) -> int:
+        """Queries this forward will run: K*N in training, N in eval."""
+        return self.num_groups * self.num_queries if self.training else self.num_queries
+
+    def forward(self, images: Tensor, mask: Optional[Tensor] = None) -> Dict:
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
+        if mask is None:
+            mask = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool, device=images.device)
+        features, mask, pos = self.backbone(images, mask)
+        if self.training and self.num_groups > 1:
+            query_embed, layout = self.query_embed.weight, self.layout
+        else:
+            # Inference keeps group 0 only; with layout=None no group code runs.
+            query_embed, layout = self.query_embed.weight[: self.num_queries], None
+        hs, reference_unsigmoid = self.transformer(self.input_proj(features), mask, query_embed, pos, layout)
+        # hs (L, B, Q, d); box centres are offsets from the reference points, in logit space.
+        box_offsets = self.bbox_embed(hs)
+        centres = box_offsets[..., :2] + reference_unsigmoid
+        boxes = torch.cat((centres, box_offsets[..., 2:]), dim=-1).sigmoid()
+        logits = self.class_embed(hs)
+        out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
+        if self.aux_loss:
+            out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
+        return out
+
+
+def build_group_detr(num_classes: int, num_groups: int = 11, num_queries: int = 300, backbone: str = "resnet50",
+                     backbone_weights: Optional[str] = None, hidden_dim: int = 256, nheads: int = 8,
+                     enc_layers: int = 6, dec_layers: int = 6, dim_feedforward: int = 2048,
+                     dropout: float = 0.1, aux_loss: bool = True,
+                     small_widths=(32, 64, 128, 256)) -> GroupDETR:
+    """Build a Group DETR with Conditional DETR's defaults (d=256, 8 heads, 6+6 layers).
+
+    backbone: "resnet50" (the paper's; load ImageNet weights with backbone_weights=PATH) or
+    "small" (a stride-16 CNN for the synthetic data and tests).
+    """
+    joiner = build_backbone(backbone, hidden_dim, backbone_weights, small_widths)
+    transformer = Transformer(hidden_dim, nheads, enc_layers, dec_layers, dim_feedforward, dropout)
+    return GroupDETR(joiner, transformer, num_classes, num_queries, num_groups, aux_loss)

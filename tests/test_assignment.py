@@ -1,0 +1,234 @@
+"""The batched solver against scipy: property tests, bad input, torch.library contracts."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from scipy.optimize import linear_sum_assignment as scipy_lsa
+
+import group_detr
+from group_detr import linear_sum_assignment, scipy_compatible
+
+pytestmark = pytest.mark.skipif(
+    not group_detr.backends()["lsa_cpu"], reason="group_detr._C is not built"
+)
+
+
+def scipy_reference(cost: np.ndarray, num_targets):
+    """Per problem scipy solve -> (matched (P, T), total cost (P,)) in our output format."""
+    num_problems, _, num_cols = cost.shape
+    matched = np.full((num_problems, num_cols), -1, dtype=np.int64)
+    totals = np.zeros(num_problems)
+    for p in range(num_problems):
+        c = cost[p, :, : num_targets[p]]
+        if c.size:
+            rows, cols = scipy_lsa(c)
+            matched[p, cols] = rows
+            totals[p] = c[rows, cols].sum()
+    return matched, totals
+
+
+def total_cost(cost: np.ndarray, matched: np.ndarray):
+    totals = np.zeros(cost.shape[0])
+    for p in range(cost.shape[0]):
+        cols = np.nonzero(matched[p] >= 0)[0]
+        totals[p] = cost[p, matched[p, cols], cols].sum()
+    return totals
+
+
+def check_against_scipy(cost: np.ndarray, num_targets, dtype=torch.float64):
+    ours = linear_sum_assignment(
+        torch.from_numpy(cost).to(dtype), torch.tensor(num_targets, dtype=torch.int64)
+    )
+    # scipy sees exactly the values we solve (after any rounding to dtype)
+    cost = torch.from_numpy(cost).to(dtype).double().numpy()
+    expected, expected_totals = scipy_reference(cost, num_targets)
+    ours = ours.numpy()
+    assert ours.dtype == np.int64 and ours.shape == expected.shape
+    np.testing.assert_array_equal(ours >= 0, expected >= 0)
+    np.testing.assert_allclose(total_cost(cost, ours), expected_totals, rtol=1e-12, atol=1e-9)
+    # same algorithm, same arithmetic, same tie order: identical, not only equally good
+    np.testing.assert_array_equal(ours, expected)
+
+
+shapes = st.tuples(st.integers(0, 6), st.integers(1, 12), st.integers(0, 12))
+
+
+@settings(max_examples=150, deadline=None)
+@given(shapes, st.integers(0, 2**32 - 1), st.sampled_from(["uniform", "ties", "huge", "tiny"]))
+def test_random_problems_match_scipy(shape, seed, kind):
+    num_problems, num_queries, num_cols = shape
+    rng = np.random.default_rng(seed)
+    if kind == "ties":  # small integers: many equal optima, scipy's tie order must be kept
+        cost = rng.integers(0, 3, size=shape).astype(np.float64)
+    elif kind == "huge":
+        cost = rng.random(shape) * 1e12
+    elif kind == "tiny":
+        cost = rng.random(shape) * 1e-12
+    else:
+        cost = rng.normal(size=shape)
+    num_targets = rng.integers(0, num_cols + 1, size=num_problems).tolist()
+    check_against_scipy(cost, num_targets)
+
+
+@settings(max_examples=60, deadline=None)
+@given(shapes, st.integers(0, 2**32 - 1), st.floats(0.0, 0.7))
+def test_forbidden_pairs_match_scipy(shape, seed, forbidden_fraction):
+    num_problems, num_queries, num_cols = shape
+    rng = np.random.default_rng(seed)
+    cost = rng.random(shape)
+    cost[rng.random(shape) < forbidden_fraction] = np.inf
+    num_targets = [num_cols] * num_problems
+    feasible = []
+    for p in range(num_problems):
+        try:
+            scipy_lsa(cost[p]) if cost[p].size else None
+            feasible.append(True)
+        except ValueError:
+            feasible.append(False)
+    if all(feasible):
+        check_against_scipy(cost, num_targets)
+    else:
+        with pytest.raises(ValueError, match=f"problem {feasible.index(False)} is infeasible"):
+            linear_sum_assignment(torch.from_numpy(cost), torch.tensor(num_targets, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_low_precision_inputs(dtype):
+    rng = np.random.default_rng(0)
+    cost = rng.random((5, 30, 8))
+    check_against_scipy(cost, [8, 0, 3, 8, 1], dtype=dtype)
+
+
+@pytest.mark.parametrize("num_queries,num_cols", [(300, 7), (900, 26), (300, 100), (5, 40), (1, 1), (1, 9)])
+def test_detr_shapes_match_scipy(num_queries, num_cols):
+    rng = np.random.default_rng(num_queries + num_cols)
+    cost = rng.random((3, num_queries, num_cols)).astype(np.float32)
+    check_against_scipy(cost, [num_cols, num_cols // 2, 0], dtype=torch.float32)
+
+
+def test_constant_matrix_gives_scipy_identity():
+    matched = linear_sum_assignment(torch.zeros(1, 5, 5))
+    assert matched.tolist() == [[0, 1, 2, 3, 4]]
+
+
+def test_empty_batches():
+    assert linear_sum_assignment(torch.zeros(0, 4, 3)).shape == (0, 3)
+    assert linear_sum_assignment(torch.zeros(2, 4, 0)).shape == (2, 0)
+    assert (linear_sum_assignment(torch.zeros(2, 0, 3)) == -1).all()
+
+
+def test_strided_input():
+    rng = np.random.default_rng(1)
+    base = torch.from_numpy(rng.random((4, 12, 20)))
+    view = base.transpose(1, 2)[:, ::2, :]  # (4, 10, 12), non-contiguous
+    expected = linear_sum_assignment(view.contiguous())
+    torch.testing.assert_close(linear_sum_assignment(view), expected)
+
+
+def test_scipy_backend_agrees():
+    rng = np.random.default_rng(2)
+    cost = torch.from_numpy(rng.random((6, 20, 9)))
+    num_targets = torch.tensor([9, 0, 4, 9, 1, 2])
+    torch.testing.assert_close(
+        linear_sum_assignment(cost, num_targets, backend="scipy"),
+        linear_sum_assignment(cost, num_targets, backend="cpu"),
+    )
+
+
+@pytest.mark.parametrize("shape", [(7, 4), (4, 7), (5, 5), (0, 3), (3, 0)])
+def test_scipy_compatible(shape):
+    rng = np.random.default_rng(3)
+    cost = rng.random(shape)
+    for maximize in (False, True):
+        rows, cols = scipy_compatible(cost, maximize=maximize)
+        ref_rows, ref_cols = scipy_lsa(cost, maximize=maximize)
+        np.testing.assert_array_equal(rows, ref_rows)
+        np.testing.assert_array_equal(cols, ref_cols)
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["cpu", "scipy"])
+@pytest.mark.parametrize("bad", [float("nan"), float("-inf")])
+def test_nan_and_neg_inf_name_the_problem(backend, bad):
+    cost = torch.rand(4, 6, 3)
+    cost[2, 1, 0] = bad
+    with pytest.raises(ValueError, match=r"problem 2 contains NaN or -inf"):
+        linear_sum_assignment(cost, backend=backend)
+
+
+def test_bad_value_in_padding_is_ignored():
+    cost = torch.rand(2, 6, 3)
+    cost[1, :, 2] = float("nan")
+    linear_sum_assignment(cost, torch.tensor([3, 2]))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "scipy"])
+def test_infeasible_problem_names_the_problem(backend):
+    cost = torch.rand(3, 4, 2)
+    cost[1, :, 1] = float("inf")  # target 1 of problem 1 can go nowhere
+    with pytest.raises(ValueError, match=r"problem 1 is infeasible"):
+        linear_sum_assignment(cost, backend=backend)
+    cost = torch.full((1, 3, 3), float("inf"))
+    with pytest.raises(ValueError, match=r"problem 0 is infeasible"):
+        linear_sum_assignment(cost, backend=backend)
+
+
+def test_validate_false_marks_failed_problems():
+    cost = torch.rand(3, 4, 2)
+    cost[1, 0, 0] = float("nan")
+    matched = linear_sum_assignment(cost, validate=False)
+    assert (matched[1] == -1).all() and (matched[[0, 2]] >= 0).all()
+
+
+@pytest.mark.parametrize(
+    "cost,num_targets,error,message",
+    [
+        (torch.rand(4, 3), None, ValueError, r"shape \(P, Q, T\)"),
+        (torch.rand(1, 4, 3, 2), None, ValueError, r"shape \(P, Q, T\)"),
+        (torch.ones(1, 4, 3, dtype=torch.int64), None, TypeError, "float16, bfloat16, float32"),
+        ([[[1.0]]], None, TypeError, "must be a torch.Tensor"),
+        (torch.rand(2, 4, 3), torch.tensor([1, 2, 3]), ValueError, r"num_targets must have shape"),
+        (torch.rand(2, 4, 3), torch.tensor([1.0, 2.0]), TypeError, "num_targets must be int32"),
+        (torch.rand(2, 4, 3), torch.tensor([1, 4]), ValueError, r"problem 1 has num_targets outside"),
+        (torch.rand(2, 4, 3), torch.tensor([-1, 2]), ValueError, r"problem 0 has num_targets outside"),
+    ],
+)
+def test_bad_input(cost, num_targets, error, message):
+    for backend in ("cpu", "scipy"):
+        with pytest.raises(error, match=message):
+            linear_sum_assignment(cost, num_targets, backend=backend)
+
+
+def test_bad_backend():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        linear_sum_assignment(torch.rand(1, 2, 2), backend="gpu")
+    with pytest.raises(ValueError, match="needs the cost on a CUDA device"):
+        linear_sum_assignment(torch.rand(1, 2, 2), backend="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_num_targets_on_another_device():
+    with pytest.raises(ValueError, match="num_targets is on"):
+        linear_sum_assignment(torch.rand(2, 4, 3, device="cuda"), torch.tensor([1, 2]))
+
+
+# --- torch.library contracts -------------------------------------------------------------------
+
+def test_opcheck():
+    cost = torch.rand(5, 9, 4)
+    num_targets = torch.tensor([4, 0, 2, 3, 1])
+    torch.library.opcheck(torch.ops.group_detr.batched_lsa.default, (cost, num_targets))
+    torch.library.opcheck(torch.ops.group_detr.batched_lsa.default, (cost.double(), num_targets))
+
+
+def test_torch_compile_fullgraph():
+    def solve_and_gather(cost, num_targets):
+        matched, status = torch.ops.group_detr.batched_lsa(cost, num_targets)
+        return matched.clamp(min=0) * 2, status
+
+    compiled = torch.compile(solve_and_gather, fullgraph=True, backend="aot_eager")
+    cost = torch.rand(3, 7, 4)
+    num_targets = torch.tensor([4, 2, 0])
+    for got, expected in zip(compiled(cost, num_targets), solve_and_gather(cost, num_targets)):
+        torch.testing.assert_close(got, expected)

@@ -1,0 +1,311 @@
+"""grouped_attention reference paths, the custom op (its CPU implementation), dispatch, input
+validation and GroupedSelfAttention as a drop-in for nn.MultiheadAttention. CPU only; the Triton
+kernels are tested in test_attention_kernel.py."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from group_detr.attention import (
+    GroupedSelfAttention, dropout_keep_mask_reference, folded_attention, grouped_attention,
+    masked_attention, reference_backward, reference_forward, select_backend)
+from group_detr.layout import QueryLayout
+
+EQUAL = QueryLayout(num_groups=3, queries_per_group=37)
+DENOISING = QueryLayout(num_groups=2, queries_per_group=37, num_denoising=12, denoising_groups=3)
+LAYOUTS = [EQUAL, DENOISING, QueryLayout(1, 37),
+           QueryLayout(2, 37, 12, 3, denoising_sees="first"),
+           QueryLayout(2, 37, 12, 3, denoising_sees="none")]
+
+
+def qkv(layout, batch=2, heads=3, head_dim=16, dtype=torch.float64, seed=0, grad=False):
+    generator = torch.Generator().manual_seed(seed)
+    shape = (batch, heads, layout.total_queries, head_dim)
+    return [torch.randn(shape, generator=generator, dtype=dtype).requires_grad_(grad)
+            for _ in range(3)]
+
+
+def naive_attention(q, k, v, layout, scale=None):
+    """Per-row softmax over exactly the visible keys, written from the definition."""
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    mask = layout.dense_mask()
+    out = torch.empty_like(q)
+    for i in range(q.shape[2]):
+        keys = mask[i].nonzero().flatten()
+        weights = torch.softmax(q[:, :, i:i + 1] @ k[:, :, keys].transpose(-2, -1) * scale, -1)
+        out[:, :, i] = (weights @ v[:, :, keys]).squeeze(2)
+    return out
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=str)
+@pytest.mark.parametrize("backend", ["masked", "folded", "triton", "auto"])
+def test_backends_match_the_definition(layout, backend):
+    q, k, v = qkv(layout)
+    if backend == "folded" and not layout.is_equal_groups:
+        with pytest.raises(ValueError, match="'folded' backend needs equal groups"):
+            grouped_attention(q, k, v, layout, backend=backend)
+        return
+    expected = naive_attention(q, k, v, layout, scale=0.3)
+    torch.testing.assert_close(grouped_attention(q, k, v, layout, scale=0.3, backend=backend),
+                               expected)
+
+
+@pytest.mark.parametrize("layout", [EQUAL, DENOISING], ids=str)
+def test_op_backward_matches_autograd_of_the_masked_path(layout):
+    q, k, v = qkv(layout, grad=True)
+    grad_out = torch.randn_like(q)
+    expected = torch.autograd.grad(masked_attention(q, k, v, layout), (q, k, v), grad_out)
+    actual = torch.autograd.grad(grouped_attention(q, k, v, layout, backend="triton"),
+                                 (q, k, v), grad_out)
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e)
+
+
+@pytest.mark.parametrize("backend", ["masked", "folded", "triton"])
+def test_groups_do_not_leak(backend):
+    """Perturbing group g's keys and values changes no output outside group g, and no gradient
+    flows from group g's outputs to another group's inputs."""
+    layout = QueryLayout(num_groups=3, queries_per_group=37)
+    q, k, v = qkv(layout, grad=True)
+    out = grouped_attention(q, k, v, layout, backend=backend)
+    start, end = layout.segments[1]
+    k2, v2 = k.detach().clone(), v.detach().clone()
+    k2[:, :, start:end] += 5 * torch.randn_like(k2[:, :, start:end])
+    v2[:, :, start:end] += 5 * torch.randn_like(v2[:, :, start:end])
+    out2 = grouped_attention(q, k2, v2, layout, backend=backend)
+    outside = torch.ones(layout.total_queries, dtype=torch.bool)
+    outside[start:end] = False
+    assert torch.equal(out[:, :, outside], out2[:, :, outside])
+    assert not torch.allclose(out[:, :, start:end], out2[:, :, start:end])
+    grads = torch.autograd.grad(out[:, :, start:end].sum(), (q, k, v))
+    for grad in grads:
+        assert grad[:, :, outside].abs().max() == 0
+        assert grad[:, :, start:end].abs().max() > 0
+
+
+def test_denoising_queries_do_not_leak_into_matching_queries():
+    layout = DENOISING
+    q, k, v = qkv(layout)
+    out = grouped_attention(q, k, v, layout, backend="triton")
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, :layout.num_denoising] = torch.randn_like(k2[:, :, :layout.num_denoising])
+    v2[:, :, :layout.num_denoising] = torch.randn_like(v2[:, :, :layout.num_denoising])
+    out2 = grouped_attention(q, k2, v2, layout, backend="triton")
+    matching = slice(layout.num_denoising, None)
+    assert torch.equal(out[:, :, matching], out2[:, :, matching])
+
+
+def test_auto_picks_the_cheapest_reference_on_cpu():
+    q = torch.empty(1, 1, EQUAL.total_queries, 16)
+    assert select_backend(q, EQUAL) == "folded"
+    assert select_backend(torch.empty(1, 1, DENOISING.total_queries, 16), DENOISING) == "masked"
+    assert select_backend(q, EQUAL, "masked") == "masked"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        select_backend(q, EQUAL, "flash")
+
+
+def test_op_gradcheck_float64_with_dropout():
+    layout = QueryLayout(2, 5, num_denoising=4, denoising_groups=2)
+    q, k, v = qkv(layout, batch=1, heads=2, head_dim=4, grad=True)
+    seed = torch.tensor(1234)
+    op = torch.ops.group_detr.grouped_attention_fwd
+
+    def attention(q, k, v):  # a fixed seed, so every evaluation drops the same entries
+        return op(q, k, v, seed, 2, 5, 4, 2, "all", 0.25, 0.7)[0]
+
+    assert torch.autograd.gradcheck(attention, (q, k, v))
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+def test_opcheck(dropout_p):
+    layout = DENOISING
+    q, k, v = qkv(layout, dtype=torch.float32, grad=True)
+    seed = torch.tensor(7)
+    torch.library.opcheck(torch.ops.group_detr.grouped_attention_fwd.default,
+                          (q, k, v, seed, 2, 37, 12, 3, "all", dropout_p, 0.25))
+    out, lse = torch.ops.group_detr.grouped_attention_fwd(
+        q, k, v, seed, 2, 37, 12, 3, "all", dropout_p, 0.25)
+    torch.library.opcheck(
+        torch.ops.group_detr.grouped_attention_bwd.default,
+        (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), seed,
+         2, 37, 12, 3, "all", dropout_p, 0.25))
+
+
+def test_compile_fullgraph_forward_and_backward():
+    layout = DENOISING
+    q, k, v = qkv(layout, dtype=torch.float32, grad=True)
+
+    @torch.compile(fullgraph=True)
+    def attention(q, k, v):
+        return grouped_attention(q, k, v, layout, backend="triton")
+
+    out = attention(q, k, v)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    q2, k2, v2 = (t.detach().requires_grad_() for t in (q, k, v))
+    expected = masked_attention(q2, k2, v2, layout)
+    expected_grads = torch.autograd.grad(expected.square().sum(), (q2, k2, v2))
+    torch.testing.assert_close(out, expected)
+    for a, e in zip(grads, expected_grads):
+        torch.testing.assert_close(a, e)
+
+
+def test_reference_dropout_is_a_function_of_the_seed():
+    layout = EQUAL
+    q, k, v = qkv(layout)
+    out1, _ = reference_forward(q, k, v, layout, 0.3, 0.25, seed=11)
+    out2, _ = reference_forward(q, k, v, layout, 0.3, 0.25, seed=11)
+    out3, _ = reference_forward(q, k, v, layout, 0.3, 0.25, seed=12)
+    assert torch.equal(out1, out2) and not torch.allclose(out1, out3)
+    keep = dropout_keep_mask_reference((4, 3, 100, 100), 0.3, seed=5, device="cpu")
+    assert abs(keep.float().mean().item() - 0.7) < 0.01  # 120k draws: std 0.0013
+    # backward regenerates the forward's mask: gradients match autograd through forward
+    q, k, v = qkv(layout, grad=True)
+    out, lse = reference_forward(q, k, v, layout, 0.3, 0.25, seed=11)
+    grad_out = torch.randn_like(out)
+    expected = torch.autograd.grad(out, (q, k, v), grad_out)
+    actual = reference_backward(grad_out, q, k, v, lse.detach(), layout, 0.3, 0.25, seed=11)
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e)
+
+
+def test_grouped_attention_dropout_in_expectation():
+    """Inverted dropout keeps the expected output: averaging many dropped outputs approaches
+    the output without dropout."""
+    layout = QueryLayout(2, 5)
+    q, k, v = qkv(layout, batch=1, heads=1, head_dim=4)
+    torch.manual_seed(0)
+    runs = torch.stack([grouped_attention(q, k, v, layout, dropout_p=0.5, backend="triton")
+                        for _ in range(2000)])
+    assert not torch.equal(runs[0], runs[1])
+    torch.testing.assert_close(runs.mean(0), grouped_attention(q, k, v, layout),
+                               atol=0.08, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# input validation
+# ------------------------------------------------------------------------------------------------
+def test_bad_inputs():
+    layout = EQUAL
+    q, k, v = qkv(layout, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"q.shape\[2\] \(L\) is 110 but the layout has 111"):
+        grouped_attention(q[:, :, :-1], k[:, :, :-1], v[:, :, :-1], layout)
+    with pytest.raises(ValueError, match="must have the same shape"):
+        grouped_attention(q, k[:, :2], v, layout)
+    with pytest.raises(TypeError, match="same dtype"):
+        grouped_attention(q, k.double(), v, layout)
+    with pytest.raises(ValueError, match="same device"):
+        grouped_attention(q, k.to("meta"), v, layout)
+    with pytest.raises(ValueError, match=r"shape \(B, H, L, D\)"):
+        grouped_attention(q[0], k[0], v[0], layout)
+    with pytest.raises(TypeError, match="floating-point"):
+        grouped_attention(q.long(), k.long(), v.long(), layout)
+    with pytest.raises(TypeError, match="layout must be a QueryLayout"):
+        grouped_attention(q, k, v, 3)
+    with pytest.raises(ValueError, match="dropout_p must be a float in"):
+        grouped_attention(q, k, v, layout, dropout_p=1.0)
+    with pytest.raises(ValueError, match="scale must be a positive float"):
+        grouped_attention(q, k, v, layout, scale=-1.0)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        grouped_attention(q, k, v, layout, backend="dense")
+
+
+# ------------------------------------------------------------------------------------------------
+# GroupedSelfAttention
+# ------------------------------------------------------------------------------------------------
+def make_pair(embed_dim=32, num_heads=4, bias=True, batch_first=False, **kwargs):
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(embed_dim, num_heads, bias=bias, batch_first=batch_first)
+    ours = GroupedSelfAttention(embed_dim, num_heads, bias=bias, batch_first=batch_first,
+                                **kwargs)
+    ours.load_state_dict(mha.state_dict())  # strict: the parameter names must be the same
+    if bias:  # MHA initialises biases to zero; make them count
+        with torch.no_grad():
+            for module in (mha, ours):
+                torch.manual_seed(1)
+                module.in_proj_bias.normal_()
+                module.out_proj.bias.normal_()
+    return mha, ours
+
+
+def test_state_dict_keys_match_multihead_attention():
+    mha = nn.MultiheadAttention(32, 4)
+    ours = GroupedSelfAttention(32, 4)
+    assert mha.state_dict().keys() == ours.state_dict().keys()
+    assert {k: v.shape for k, v in mha.state_dict().items()} == \
+        {k: v.shape for k, v in ours.state_dict().items()}
+    assert GroupedSelfAttention(32, 4, bias=False).state_dict().keys() == \
+        nn.MultiheadAttention(32, 4, bias=False).state_dict().keys()
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("same_qk", [True, False])
+def test_one_group_equals_multihead_attention(batch_first, bias, same_qk):
+    mha, ours = make_pair(bias=bias, batch_first=batch_first)
+    mha.eval(), ours.eval()
+    shape = (2, 37, 32) if batch_first else (37, 2, 32)
+    tgt, pos = torch.randn(shape), torch.randn(shape)
+    query = tgt + pos
+    key = query if same_qk else query + 0.5
+    expected = mha(query, key, tgt, need_weights=False)[0]
+    out, weights = ours(query, key, tgt)
+    assert weights is None and out.shape == expected.shape
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    # and the gradients with respect to the shared parameters
+    grad = torch.randn_like(out)
+    expected_grads = torch.autograd.grad(expected, list(mha.parameters()), grad)
+    grads = torch.autograd.grad(out, list(ours.parameters()), grad)
+    for a, e in zip(grads, expected_grads):
+        torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["auto", "masked", "triton"])
+def test_groups_equal_multihead_attention_per_group(backend):
+    mha, ours = make_pair(backend=backend)
+    layout = QueryLayout(num_groups=3, queries_per_group=37)
+    x = torch.randn(layout.total_queries, 2, 32)
+    out, _ = ours(x, x, x, layout=layout)
+    for start, end in layout.segments:
+        group = x[start:end]
+        torch.testing.assert_close(out[start:end], mha(group, group, group)[0],
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_denoising_layout_equals_multihead_attention_with_dino_mask():
+    mha, ours = make_pair()
+    layout = DENOISING
+    x = torch.randn(layout.total_queries, 2, 32)
+    expected = mha(x, x, x, attn_mask=layout.mha_attn_mask())[0]
+    torch.testing.assert_close(ours(x, x, x, layout=layout)[0], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_dropout_only_in_training():
+    _, ours = make_pair(dropout=0.5)
+    x = torch.randn(20, 2, 32)
+    ours.eval()
+    assert torch.equal(ours(x, x, x)[0], ours(x, x, x)[0])
+    ours.train()
+    assert not torch.equal(ours(x, x, x)[0], ours(x, x, x)[0])
+
+
+def test_module_unsupported_arguments_and_bad_shapes():
+    _, ours = make_pair()
+    x = torch.randn(37, 2, 32)
+    with pytest.raises(NotImplementedError, match="key_padding_mask"):
+        ours(x, x, x, key_padding_mask=torch.zeros(2, 37, dtype=torch.bool))
+    with pytest.raises(NotImplementedError, match="instead of attn_mask"):
+        ours(x, x, x, attn_mask=torch.zeros(37, 37, dtype=torch.bool))
+    with pytest.raises(NotImplementedError, match="need_weights=False"):
+        ours(x, x, x, need_weights=True)
+    with pytest.raises(ValueError, match="but the layout has 36 queries"):
+        ours(x, x, x, layout=QueryLayout(2, 18))
+    with pytest.raises(ValueError, match=r"must have shape \(L, B, E\) with E=32"):
+        ours(x[..., :16], x, x)
+    with pytest.raises(ValueError, match="same shape"):
+        ours(x, x[:30], x[:30])
+    with pytest.raises(ValueError, match="positive multiple of num_heads"):
+        GroupedSelfAttention(30, 4)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        GroupedSelfAttention(32, 4, backend="cuda")
