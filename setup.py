@@ -20,7 +20,9 @@ def _with_cuda():
 
 def extensions():
     sources = ["csrc/lsa/lsa.cpp", "csrc/lsa/lsa_cpu.cpp"]
-    cxx = ["-O3", "-std=c++17", "-fopenmp-simd", "-DGROUP_DETR_OMP_SIMD"]
+    # -fopenmp: at::parallel_for is inline OpenMP code compiled into this extension; without
+    # the flag it silently runs on one thread.
+    cxx = ["-O3", "-std=c++17", "-fopenmp"]
     define_macros = []
     ext_class = cpp_extension.CppExtension
     extra = {"cxx": cxx}
@@ -38,6 +40,7 @@ def extensions():
             include_dirs=[os.path.join(ROOT, "csrc")],
             define_macros=define_macros,
             extra_compile_args=extra,
+            extra_link_args=["-fopenmp"],
         )
     ]
 

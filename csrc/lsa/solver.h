@@ -89,7 +89,7 @@ struct SerialScan {
     const acc_t* __restrict__ v = ws.v;
     const uint8_t* __restrict__ done = ws.col_done;
     acc_t lowest = inf;
-#if defined(_OPENMP) || defined(GROUP_DETR_OMP_SIMD)
+#if defined(_OPENMP)
 #pragma omp simd reduction(min : lowest)
 #endif
     for (int32_t j = 0; j < nc; ++j) {
