@@ -106,6 +106,18 @@ def test_detr_shapes_match_scipy(num_queries, num_cols):
     check_against_scipy(cost, [num_cols, num_cols // 2, 0], dtype=torch.float32)
 
 
+@pytest.mark.parametrize("portable_scan", [False, True], ids=["dispatched", "portable"])
+@pytest.mark.parametrize("num_queries,num_cols", [(300, 40), (37, 37), (41, 90)])
+def test_integer_ties_at_simd_widths(num_queries, num_cols, portable_scan, monkeypatch):
+    """Many equal optima over columns counts that fill SIMD registers and leave tails; the
+    portable scan (what a CPU without AVX2 runs) must give the very same assignments."""
+    if portable_scan:
+        monkeypatch.setenv("GROUP_DETR_NO_AVX2", "1")
+    rng = np.random.default_rng(num_queries * num_cols)
+    cost = rng.integers(0, 4, size=(4, num_queries, num_cols)).astype(np.float64)
+    check_against_scipy(cost, [num_cols, num_cols - 1, num_cols // 3, 1])
+
+
 def test_constant_matrix_gives_scipy_identity():
     matched = linear_sum_assignment(torch.zeros(1, 5, 5))
     assert matched.tolist() == [[0, 1, 2, 3, 4]]

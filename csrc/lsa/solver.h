@@ -11,8 +11,9 @@
 // here allocates or uses the STL, so the same code compiles under nvcc as __host__ __device__.
 //
 // The only data-parallel step, relaxing every unvisited column from the current row and picking
-// the next column, is a policy (`ColumnScan`): SerialScan below for the CPU; a warp-parallel
-// scan for CUDA. Everything else is the sequential bookkeeping shared by both.
+// the next column, is a policy (`ColumnScan`): SerialScan below (the portable reference), an
+// AVX2 scan in lsa_cpu.cpp, a warp-parallel scan for CUDA. Everything else is the sequential
+// bookkeeping shared by all of them.
 #pragma once
 
 #include <cstdint>
@@ -63,108 +64,132 @@ struct Workspace {
   const acc_t* cost;      // [nr * nc] row-major, shifted so that its minimum is 0
   acc_t* u;               // [nr] row duals
   acc_t* v;               // [nc] column duals
-  acc_t* dist;            // [nc] shortest path cost to each column in this augmentation
+  acc_t* dist;            // [nc] shortest path cost to each column in this augmentation;
+                          //      -inf once the column is on the shortest path tree
   int32_t* path;          // [nc] predecessor row of each column
   int32_t* col4row;       // [nr]
   int32_t* row4col;       // [nc]
   int32_t* remaining;     // [nc] unvisited columns in scipy's scan order
   int32_t* position;      // [nc] inverse of `remaining`, for the tie rule
-  int32_t* visited_rows;  // [nr]
-  int32_t* visited_cols;  // [nc]
-  uint8_t* col_done;      // [nc] column already on the shortest path tree
+  int32_t* visited_rows;  // [nr] rows on the tree, in visiting order (the first is the free row)
+  int32_t* visited_cols;  // [nr] columns on the tree, in visiting order
+  int32_t* visited_pos;   // [nr] scan position each visited column was removed from
+  acc_t* visited_dist;    // [nr] distance of each visited column when it joined the tree
 };
 
-// Relaxes all unvisited columns from row i and returns the next column, serially.
-// Two passes so that the first (the hot one) is branch-free and vectorises; the second only
-// compares. The arithmetic per column is scipy's, term for term.
+// Marking tree columns with dist = -inf instead of a separate flag array keeps the scan to one
+// array of one type: `r < -inf` never holds, so they are never relaxed, and a `> -inf` test
+// drops them from the minimum.
+template <typename acc_t>
+LSA_HD inline bool on_tree(acc_t dist) {
+  return dist == -infinity<acc_t>();
+}
+
+// Picks the next column among those at distance `lowest` (tree columns never compare equal).
+// Continuous costs have one such column; integer costs can have many, and the tie rule decides.
+template <typename acc_t>
+LSA_HD inline Candidate<acc_t> pick_serial(const Workspace<acc_t>& ws, int32_t nc, acc_t lowest) {
+  Candidate<acc_t> best{lowest, -1, 0, false};
+  if (!(lowest < infinity<acc_t>())) return best;
+  for (int32_t j = 0; j < nc; ++j) {
+    if (ws.dist[j] != lowest) continue;
+    const Candidate<acc_t> c{lowest, j, ws.position[j], ws.row4col[j] < 0};
+    if (precedes(c, best)) best = c;
+  }
+  return best;
+}
+
+// Relaxes all columns not on the tree from row i and returns the next column, serially.
+// `first` is the first step of an augmentation: every distance is stale then (nothing was reset
+// after the previous augmentation) and is overwritten; with min_val = 0 the value is scipy's
+// `0 + c - u - v`. A column left at +inf keeps a stale path entry, which is never read because
+// only columns at finite distance join the tree. The arithmetic per column is scipy's, term for
+// term, so distances are bit-identical.
 struct SerialScan {
   template <typename acc_t>
   LSA_HD Candidate<acc_t> operator()(const Workspace<acc_t>& ws, int32_t nc, int32_t i,
-                                     acc_t min_val) const {
+                                     acc_t min_val, bool first) const {
     const acc_t* cost_row = ws.cost + static_cast<int64_t>(i) * nc;
     const acc_t u_i = ws.u[i];
     const acc_t inf = infinity<acc_t>();
     acc_t* __restrict__ dist = ws.dist;
     int32_t* __restrict__ path = ws.path;
     const acc_t* __restrict__ v = ws.v;
-    const uint8_t* __restrict__ done = ws.col_done;
     acc_t lowest = inf;
-#if defined(_OPENMP)
-#pragma omp simd reduction(min : lowest)
-#endif
-    for (int32_t j = 0; j < nc; ++j) {
-      const acc_t r = min_val + cost_row[j] - u_i - v[j];
-      const bool take = !done[j] && r < dist[j];
-      dist[j] = take ? r : dist[j];
-      path[j] = take ? i : path[j];
-      const acc_t d = done[j] ? inf : dist[j];
-      lowest = d < lowest ? d : lowest;
+    if (first) {
+      for (int32_t j = 0; j < nc; ++j) {
+        const acc_t r = cost_row[j] - u_i - v[j];
+        dist[j] = r;
+        path[j] = i;
+        lowest = r < lowest ? r : lowest;
+      }
+    } else {
+      for (int32_t j = 0; j < nc; ++j) {
+        const acc_t r = min_val + cost_row[j] - u_i - v[j];
+        const bool take = r < dist[j];
+        dist[j] = take ? r : dist[j];
+        path[j] = take ? i : path[j];
+        const acc_t open = on_tree(dist[j]) ? inf : dist[j];
+        lowest = open < lowest ? open : lowest;
+      }
     }
-    Candidate<acc_t> best{inf, -1, 0, false};
-    if (!(lowest < inf)) return best;
-    for (int32_t j = 0; j < nc; ++j) {
-      if (done[j] || dist[j] != lowest) continue;
-      Candidate<acc_t> c{lowest, j, ws.position[j], ws.row4col[j] < 0};
-      if (precedes(c, best)) best = c;
-    }
-    return best;
+    return pick_serial(ws, nc, lowest);
   }
 };
 
 // Solves one problem whose shifted cost is in ws.cost. On kOk, ws.col4row[r] is the column
 // assigned to row r (every row is assigned since nr <= nc).
+//
+// Per augmentation only the columns that joined the tree are touched outside the scans: the
+// scan order is restored by undoing its removals and the distances are overwritten by the next
+// first scan, so an augmentation costs (number of scans) x nc, not an extra reset of nc.
 template <typename acc_t, typename ColumnScan>
 LSA_HD Status solve(int32_t nr, int32_t nc, const Workspace<acc_t>& ws, const ColumnScan& scan) {
-  const acc_t inf = infinity<acc_t>();
   for (int32_t r = 0; r < nr; ++r) {
     ws.u[r] = 0;
     ws.col4row[r] = -1;
   }
+  // scipy fills its scan order in reverse so that a constant matrix yields the identity.
   for (int32_t j = 0; j < nc; ++j) {
     ws.v[j] = 0;
     ws.row4col[j] = -1;
-    ws.path[j] = -1;
+    ws.remaining[j] = nc - 1 - j;
+    ws.position[nc - 1 - j] = j;
   }
   for (int32_t cur_row = 0; cur_row < nr; ++cur_row) {
-    // scipy fills its scan order in reverse so that a constant matrix yields the identity.
-    for (int32_t j = 0; j < nc; ++j) {
-      ws.dist[j] = inf;
-      ws.col_done[j] = 0;
-      ws.remaining[j] = nc - 1 - j;
-      ws.position[nc - 1 - j] = j;
-    }
     int32_t num_remaining = nc;
-    int32_t num_visited_rows = 0;
-    int32_t num_visited_cols = 0;
+    int32_t num_visited = 0;
     acc_t min_val = 0;
     int32_t i = cur_row;
     int32_t sink = -1;
     while (sink < 0) {
-      ws.visited_rows[num_visited_rows++] = i;
-      const Candidate<acc_t> next = scan(ws, nc, i, min_val);
+      ws.visited_rows[num_visited] = i;
+      const Candidate<acc_t> next = scan(ws, nc, i, min_val, num_visited == 0);
       if (next.col < 0) return kInfeasible;
       min_val = next.dist;
       const int32_t j = next.col;
+      ws.visited_cols[num_visited] = j;
+      ws.visited_pos[num_visited] = next.pos;
+      ws.visited_dist[num_visited] = next.dist;
+      ++num_visited;
+      ws.dist[j] = -infinity<acc_t>();
       if (ws.row4col[j] < 0) {
         sink = j;
       } else {
         i = ws.row4col[j];
       }
-      ws.col_done[j] = 1;
-      ws.visited_cols[num_visited_cols++] = j;
       // scipy removes the column by moving the last one into its slot; mirror it exactly.
       const int32_t last = ws.remaining[--num_remaining];
       ws.remaining[next.pos] = last;
       ws.position[last] = next.pos;
     }
+    // Dual updates, scipy's: visited row k > 0 was reached through visited column k - 1.
     ws.u[cur_row] += min_val;
-    for (int32_t k = 1; k < num_visited_rows; ++k) {
-      const int32_t r = ws.visited_rows[k];
-      ws.u[r] += min_val - ws.dist[ws.col4row[r]];
+    for (int32_t k = 1; k < num_visited; ++k) {
+      ws.u[ws.visited_rows[k]] += min_val - ws.visited_dist[k - 1];
     }
-    for (int32_t k = 0; k < num_visited_cols; ++k) {
-      const int32_t j = ws.visited_cols[k];
-      ws.v[j] -= min_val - ws.dist[j];
+    for (int32_t k = 0; k < num_visited; ++k) {
+      ws.v[ws.visited_cols[k]] -= min_val - ws.visited_dist[k];
     }
     int32_t j = sink;
     while (true) {
@@ -174,6 +199,17 @@ LSA_HD Status solve(int32_t nr, int32_t nc, const Workspace<acc_t>& ws, const Co
       ws.col4row[r] = j;
       j = previous;
       if (r == cur_row) break;
+    }
+    // Undo the removals newest first; slot `num_remaining` still holds the column that was
+    // moved out of it, since later removals only write below their own count.
+    for (int32_t k = num_visited - 1; k >= 0; --k) {
+      const int32_t slot = num_remaining++;
+      const int32_t moved = ws.remaining[slot];
+      const int32_t col = ws.visited_cols[k];
+      const int32_t pos = ws.visited_pos[k];
+      ws.position[moved] = slot;
+      ws.remaining[pos] = col;
+      ws.position[col] = pos;
     }
   }
   return kOk;

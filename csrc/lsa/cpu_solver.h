@@ -1,0 +1,245 @@
+// The CPU side of the solver without torch: the column scan of this machine (AVX2 where the
+// CPU has it), per-thread memory, and one problem from a strided cost to its assignment.
+// lsa_cpu.cpp wraps it as the op; keeping it free of torch headers lets it be compiled and
+// profiled on its own.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <limits>
+#include <vector>
+
+#include "lsa/solver.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+namespace group_detr {
+namespace cpu {
+
+using lsa::Status;
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define GROUP_DETR_HAVE_AVX2_SCAN 1
+
+// One step of the scan for four columns: relax them from the row, return the running minimum
+// over those not on the tree. (Lambdas do not inherit the target attribute, hence a function.)
+__attribute__((target("avx2"))) inline __m256d avx2_relax4(const double* cost, const double* v,
+                                                           double* dist, int32_t* path,
+                                                           __m256d min4, __m256d u4, __m128i row4,
+                                                           __m256d low) {
+  const __m256d inf4 = _mm256_set1_pd(std::numeric_limits<double>::infinity());
+  const __m256d neg_inf4 = _mm256_set1_pd(-std::numeric_limits<double>::infinity());
+  const __m256d r = _mm256_sub_pd(
+      _mm256_sub_pd(_mm256_add_pd(min4, _mm256_loadu_pd(cost)), u4), _mm256_loadu_pd(v));
+  const __m256d d = _mm256_loadu_pd(dist);
+  const __m256d take = _mm256_cmp_pd(r, d, _CMP_LT_OQ);
+  const __m256d updated = _mm256_blendv_pd(d, r, take);
+  _mm256_storeu_pd(dist, updated);
+  // The low 32 bits of each 64-bit compare mask make the 4 x int32 mask of the path store.
+  const __m128i take32 = _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(
+      _mm256_castpd_si256(take), _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6)));
+  _mm_maskstore_epi32(path, take32, row4);
+  const __m256d open =
+      _mm256_blendv_pd(inf4, updated, _mm256_cmp_pd(updated, neg_inf4, _CMP_GT_OQ));
+  return _mm256_min_pd(low, open);
+}
+
+// SerialScan with AVX2, four columns per instruction, compiled for AVX2 alone and chosen at run
+// time, so one binary is fast on modern CPUs and still correct on any x86-64. The arithmetic
+// is SerialScan's, the same IEEE operations in the same order, so results are bit-identical.
+__attribute__((target("avx2"))) inline lsa::Candidate<double> avx2_scan(
+    const lsa::Workspace<double>& ws, int32_t nc, int32_t i, double min_val, bool first) {
+  const double* cost_row = ws.cost + static_cast<int64_t>(i) * nc;
+  double* dist = ws.dist;
+  int32_t* path = ws.path;
+  const double* v = ws.v;
+  const double u_i = ws.u[i];
+  const double inf = std::numeric_limits<double>::infinity();
+  const __m256d u4 = _mm256_set1_pd(u_i);
+  const __m256d inf4 = _mm256_set1_pd(inf);
+  const __m128i row4 = _mm_set1_epi32(i);
+  // Two accumulators hide the latency of the min chain.
+  __m256d low_a = inf4, low_b = inf4;
+  int32_t j = 0;
+  if (first) {
+    for (; j + 8 <= nc; j += 8) {
+      const __m256d ra = _mm256_sub_pd(_mm256_sub_pd(_mm256_loadu_pd(cost_row + j), u4),
+                                       _mm256_loadu_pd(v + j));
+      const __m256d rb = _mm256_sub_pd(_mm256_sub_pd(_mm256_loadu_pd(cost_row + j + 4), u4),
+                                       _mm256_loadu_pd(v + j + 4));
+      _mm256_storeu_pd(dist + j, ra);
+      _mm256_storeu_pd(dist + j + 4, rb);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(path + j), row4);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(path + j + 4), row4);
+      low_a = _mm256_min_pd(low_a, ra);
+      low_b = _mm256_min_pd(low_b, rb);
+    }
+  } else {
+    const __m256d min4 = _mm256_set1_pd(min_val);
+    for (; j + 8 <= nc; j += 8) {
+      low_a = avx2_relax4(cost_row + j, v + j, dist + j, path + j, min4, u4, row4, low_a);
+      low_b = avx2_relax4(cost_row + j + 4, v + j + 4, dist + j + 4, path + j + 4, min4, u4, row4,
+                          low_b);
+    }
+  }
+  double lanes[4];
+  _mm256_storeu_pd(lanes, _mm256_min_pd(low_a, low_b));
+  double lowest = std::min(std::min(lanes[0], lanes[1]), std::min(lanes[2], lanes[3]));
+  for (; j < nc; ++j) {  // the tail, as in SerialScan
+    const double r = (first ? 0.0 : min_val) + cost_row[j] - u_i - v[j];
+    const bool take = first || r < dist[j];
+    dist[j] = take ? r : dist[j];
+    path[j] = take ? i : path[j];
+    const double open = lsa::on_tree(dist[j]) ? inf : dist[j];
+    lowest = open < lowest ? open : lowest;
+  }
+
+  lsa::Candidate<double> best{lowest, -1, 0, false};
+  if (!(lowest < inf)) return best;
+  const __m256d lowest4 = _mm256_set1_pd(lowest);
+  int32_t k = 0;
+  auto consider = [&](int32_t col) {
+    const lsa::Candidate<double> c{lowest, col, ws.position[col], ws.row4col[col] < 0};
+    if (lsa::precedes(c, best)) best = c;
+  };
+  for (; k + 4 <= nc; k += 4) {
+    int hits = _mm256_movemask_pd(_mm256_cmp_pd(_mm256_loadu_pd(dist + k), lowest4, _CMP_EQ_OQ));
+    while (hits) {
+      consider(k + __builtin_ctz(hits));
+      hits &= hits - 1;
+    }
+  }
+  for (; k < nc; ++k) {
+    if (dist[k] == lowest) consider(k);
+  }
+  return best;
+}
+#endif
+
+// The scan of this machine: AVX2 where the CPU has it, the portable SerialScan otherwise.
+struct DispatchedScan {
+  bool use_avx2;
+
+  DispatchedScan() {
+#ifdef GROUP_DETR_HAVE_AVX2_SCAN
+    use_avx2 = __builtin_cpu_supports("avx2") && std::getenv("GROUP_DETR_NO_AVX2") == nullptr;
+#else
+    use_avx2 = false;
+#endif
+  }
+
+  lsa::Candidate<double> operator()(const lsa::Workspace<double>& ws, int32_t nc, int32_t i,
+                                    double min_val, bool first) const {
+#ifdef GROUP_DETR_HAVE_AVX2_SCAN
+    if (use_avx2) return avx2_scan(ws, nc, i, min_val, first);
+#endif
+    return lsa::SerialScan{}(ws, nc, i, min_val, first);
+  }
+};
+
+// Per-thread memory, sized once for the largest problem.
+struct ThreadWorkspace {
+  std::vector<double> cost, u, v, dist, visited_dist;
+  std::vector<int32_t> path, col4row, row4col, remaining, position, visited_rows, visited_cols,
+      visited_pos;
+
+  ThreadWorkspace(int64_t max_rows, int64_t max_cols)
+      : cost(max_rows * max_cols), u(max_rows), v(max_cols), dist(max_cols),
+        visited_dist(max_rows), path(max_cols), col4row(max_rows), row4col(max_cols),
+        remaining(max_cols), position(max_cols), visited_rows(max_rows),
+        visited_cols(max_rows), visited_pos(max_rows) {}
+
+  lsa::Workspace<double> view() {
+    return {cost.data(),      u.data(),           v.data(),            dist.data(),
+            path.data(),      col4row.data(),     row4col.data(),      remaining.data(),
+            position.data(),  visited_rows.data(), visited_cols.data(), visited_pos.data(),
+            visited_dist.data()};
+  }
+};
+
+// Copies the cost to the solver's row-major double layout, checks it and shifts it by its
+// minimum, as scipy does (in double), so that our arithmetic stays identical to scipy's.
+// Three simple passes that vectorise; the body is inlined into per-ISA clones below.
+template <typename scalar_t>
+__attribute__((always_inline)) inline Status prepare_cost_body(const scalar_t* cost,
+                                                               int64_t row_stride,
+                                                               int64_t col_stride, int64_t nr,
+                                                               int64_t nc, double* shifted) {
+  for (int64_t r = 0; r < nr; ++r) {
+    const scalar_t* src = cost + r * row_stride;
+    double* dst = shifted + r * nc;
+    for (int64_t c = 0; c < nc; ++c) dst[c] = static_cast<double>(src[c * col_stride]);
+  }
+  const int64_t size = nr * nc;
+  const double neg_inf = -std::numeric_limits<double>::infinity();
+  double min_entry = std::numeric_limits<double>::infinity();
+  double invalid = 0;  // a double flag keeps the loop to one element width, so it vectorises
+#pragma omp simd reduction(min : min_entry) reduction(max : invalid)
+  for (int64_t k = 0; k < size; ++k) {
+    const double x = shifted[k];
+    const double bad = (x != x || x == neg_inf) ? 1.0 : 0.0;
+    invalid = bad > invalid ? bad : invalid;
+    min_entry = x < min_entry ? x : min_entry;
+  }
+  if (invalid != 0) return lsa::kInvalidEntry;
+  if (std::isinf(min_entry)) return lsa::kInfeasible;  // every pair forbidden
+  for (int64_t k = 0; k < size; ++k) shifted[k] -= min_entry;
+  return lsa::kOk;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define GROUP_DETR_ISA_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define GROUP_DETR_ISA_CLONES
+#endif
+
+GROUP_DETR_ISA_CLONES static Status prepare_cost(const float* cost, int64_t row_stride,
+                                                 int64_t col_stride, int64_t nr, int64_t nc,
+                                                 double* shifted) {
+  return prepare_cost_body(cost, row_stride, col_stride, nr, nc, shifted);
+}
+
+GROUP_DETR_ISA_CLONES static Status prepare_cost(const double* cost, int64_t row_stride,
+                                                 int64_t col_stride, int64_t nr, int64_t nc,
+                                                 double* shifted) {
+  return prepare_cost_body(cost, row_stride, col_stride, nr, nc, shifted);
+}
+
+// Solves problem `cost` (Q x T strided, first `num_cols` target columns valid) into `out` (T).
+template <typename scalar_t>
+Status solve_one(const scalar_t* cost, int64_t stride_q, int64_t stride_t, int64_t num_queries,
+                 int64_t num_targets, int64_t num_cols, const DispatchedScan& scan,
+                 ThreadWorkspace& tw, int64_t* out) {
+  std::fill(out, out + num_cols, int64_t(-1));
+  if (num_targets < 0 || num_targets > num_cols) return lsa::kBadNumTargets;
+  if (num_targets == 0 || num_queries == 0) return lsa::kOk;
+
+  // Like scipy: rows are the smaller side, so with more queries than targets (DETR) the
+  // targets are the rows and each target gets a query.
+  const bool targets_are_rows = num_queries > num_targets;
+  const int64_t nr = targets_are_rows ? num_targets : num_queries;
+  const int64_t nc = targets_are_rows ? num_queries : num_targets;
+  const int64_t row_stride = targets_are_rows ? stride_t : stride_q;
+  const int64_t col_stride = targets_are_rows ? stride_q : stride_t;
+
+  const Status prepared = prepare_cost(cost, row_stride, col_stride, nr, nc, tw.cost.data());
+  if (prepared != lsa::kOk) return prepared;
+  const lsa::Workspace<double> ws = tw.view();
+  const Status status = lsa::solve(static_cast<int32_t>(nr), static_cast<int32_t>(nc), ws, scan);
+  if (status != lsa::kOk) return status;
+  for (int64_t r = 0; r < nr; ++r) {
+    if (targets_are_rows) {
+      out[r] = ws.col4row[r];
+    } else {
+      out[ws.col4row[r]] = r;
+    }
+  }
+  return lsa::kOk;
+}
+
+}  // namespace cpu
+}  // namespace group_detr
