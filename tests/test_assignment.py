@@ -169,6 +169,21 @@ def test_nan_and_neg_inf_name_the_problem(backend, bad):
         linear_sum_assignment(cost, backend=backend)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("-inf")])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_bad_value_found_anywhere_in_wide_problems(bad, transposed):
+    """Every position of a problem wide enough for the SIMD paths (full blocks and tails, both
+    orientations, strided float32 views) is checked."""
+    rng = np.random.default_rng(0)
+    for _ in range(12):
+        cost = torch.rand(3, 37, 300) if transposed else torch.rand(3, 300, 37)
+        cost = cost.transpose(1, 2) if transposed else cost
+        p, q, t = (int(rng.integers(n)) for n in cost.shape)
+        cost[p, q, t] = bad
+        with pytest.raises(ValueError, match=rf"problem {p} contains NaN or -inf"):
+            linear_sum_assignment(cost)
+
+
 def test_bad_value_in_padding_is_ignored():
     cost = torch.rand(2, 6, 3)
     cost[1, :, 2] = float("nan")

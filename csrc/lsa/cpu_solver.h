@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "lsa/solver.h"
@@ -163,12 +164,10 @@ struct ThreadWorkspace {
 
 // Copies the cost to the solver's row-major double layout, checks it and shifts it by its
 // minimum, as scipy does (in double), so that our arithmetic stays identical to scipy's.
-// Three simple passes that vectorise; the body is inlined into per-ISA clones below.
+// Three simple passes that vectorise; the portable version.
 template <typename scalar_t>
-__attribute__((always_inline)) inline Status prepare_cost_body(const scalar_t* cost,
-                                                               int64_t row_stride,
-                                                               int64_t col_stride, int64_t nr,
-                                                               int64_t nc, double* shifted) {
+inline Status prepare_cost_body(const scalar_t* cost, int64_t row_stride, int64_t col_stride,
+                                int64_t nr, int64_t nc, double* shifted) {
   for (int64_t r = 0; r < nr; ++r) {
     const scalar_t* src = cost + r * row_stride;
     double* dst = shifted + r * nc;
@@ -191,21 +190,70 @@ __attribute__((always_inline)) inline Status prepare_cost_body(const scalar_t* c
   return lsa::kOk;
 }
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define GROUP_DETR_ISA_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define GROUP_DETR_ISA_CLONES
+#ifdef GROUP_DETR_HAVE_AVX2_SCAN
+// prepare_cost_body for float32 costs with AVX2: eight entries per gather (a plain load when
+// the row is contiguous), checked and reduced in float, since widening to double is exact and
+// monotonic, then the shift in double, four at a time.
+__attribute__((target("avx2"))) inline Status avx2_prepare_float(const float* cost,
+                                                                 int64_t row_stride,
+                                                                 int64_t col_stride, int64_t nr,
+                                                                 int64_t nc, double* shifted) {
+  if (std::abs(col_stride) > (int64_t(1) << 27)) {  // gather offsets are int32
+    return prepare_cost_body(cost, row_stride, col_stride, nr, nc, shifted);
+  }
+  const float inf = std::numeric_limits<float>::infinity();
+  const __m256i offsets = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                             _mm256_set1_epi32(static_cast<int32_t>(col_stride)));
+  const __m256 neg_inf8 = _mm256_set1_ps(-inf);
+  __m256 low8 = _mm256_set1_ps(inf);
+  __m256 bad8 = _mm256_setzero_ps();
+  float low = inf;
+  bool bad = false;
+  for (int64_t r = 0; r < nr; ++r) {
+    const float* src = cost + r * row_stride;
+    double* dst = shifted + r * nc;
+    int64_t c = 0;
+    for (; c + 8 <= nc; c += 8) {
+      const __m256 x = col_stride == 1 ? _mm256_loadu_ps(src + c)
+                                       : _mm256_i32gather_ps(src + c * col_stride, offsets, 4);
+      bad8 = _mm256_or_ps(bad8, _mm256_or_ps(_mm256_cmp_ps(x, x, _CMP_UNORD_Q),
+                                             _mm256_cmp_ps(x, neg_inf8, _CMP_EQ_OQ)));
+      low8 = _mm256_min_ps(x, low8);  // a NaN x returns low8: the minimum stays clean
+      _mm256_storeu_pd(dst + c, _mm256_cvtps_pd(_mm256_castps256_ps128(x)));
+      _mm256_storeu_pd(dst + c + 4, _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)));
+    }
+    for (; c < nc; ++c) {
+      const float x = src[c * col_stride];
+      bad |= (x != x) || x == -inf;
+      low = x < low ? x : low;
+      dst[c] = x;
+    }
+  }
+  float lanes[8];
+  _mm256_storeu_ps(lanes, low8);
+  for (float x : lanes) low = x < low ? x : low;
+  if (bad || _mm256_movemask_ps(bad8)) return lsa::kInvalidEntry;
+  if (std::isinf(low)) return lsa::kInfeasible;  // every pair forbidden
+  const double min_entry = low;
+  const __m256d min4 = _mm256_set1_pd(min_entry);
+  const int64_t size = nr * nc;
+  int64_t k = 0;
+  for (; k + 4 <= size; k += 4) {
+    _mm256_storeu_pd(shifted + k, _mm256_sub_pd(_mm256_loadu_pd(shifted + k), min4));
+  }
+  for (; k < size; ++k) shifted[k] -= min_entry;
+  return lsa::kOk;
+}
 #endif
 
-GROUP_DETR_ISA_CLONES static Status prepare_cost(const float* cost, int64_t row_stride,
-                                                 int64_t col_stride, int64_t nr, int64_t nc,
-                                                 double* shifted) {
-  return prepare_cost_body(cost, row_stride, col_stride, nr, nc, shifted);
-}
-
-GROUP_DETR_ISA_CLONES static Status prepare_cost(const double* cost, int64_t row_stride,
-                                                 int64_t col_stride, int64_t nr, int64_t nc,
-                                                 double* shifted) {
+template <typename scalar_t>
+Status prepare_cost(const scalar_t* cost, int64_t row_stride, int64_t col_stride, int64_t nr,
+                    int64_t nc, double* shifted, bool use_avx2) {
+#ifdef GROUP_DETR_HAVE_AVX2_SCAN
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (use_avx2) return avx2_prepare_float(cost, row_stride, col_stride, nr, nc, shifted);
+  }
+#endif
   return prepare_cost_body(cost, row_stride, col_stride, nr, nc, shifted);
 }
 
@@ -226,7 +274,8 @@ Status solve_one(const scalar_t* cost, int64_t stride_q, int64_t stride_t, int64
   const int64_t row_stride = targets_are_rows ? stride_t : stride_q;
   const int64_t col_stride = targets_are_rows ? stride_q : stride_t;
 
-  const Status prepared = prepare_cost(cost, row_stride, col_stride, nr, nc, tw.cost.data());
+  const Status prepared = prepare_cost(cost, row_stride, col_stride, nr, nc, tw.cost.data(),
+                                       scan.use_avx2);
   if (prepared != lsa::kOk) return prepared;
   const lsa::Workspace<double> ws = tw.view();
   const Status status = lsa::solve(static_cast<int32_t>(nr), static_cast<int32_t>(nc), ws, scan);

@@ -1,0 +1,351 @@
+"""Matcher benchmark: the batched solver and GroupMatcher against the public way, side by side.
+
+For every matcher workload of workloads.json (the same inputs for every contender):
+
+(a) assignment only, from the same per-image per-group cost:
+    - ours: `group_detr.linear_sum_assignment`, all B*K problems in one call;
+    - scipy, DETR style: what public Group DETR code runs after its cost is built: the
+      batch-wide cost split per group and per image, one scipy call each, results turned into
+      int64 tensors;
+    - scipy, numpy loop: the cheapest possible scipy loop over the padded problems;
+    - lapx's batch solvers (`pip install lapx`, extra `[bench]`), the fastest of them per
+      workload, and torch-linear-assignment, when installed;
+(b) the whole matcher: `GroupMatcher` against `ReferenceGroupMatcher` (cost, host copy, scipy).
+
+Every contender's answer is checked (identical assignments to scipy for ours, equal total cost
+for the others) before it is timed. Prints a table of medians and ratios and writes
+benchmarks/results/matcher-<machine>.json.
+
+    python benchmarks/bench_matcher.py                 # CPU, all workloads
+    python benchmarks/bench_matcher.py --device cuda   # GPU: ours on the device vs the host paths
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment as scipy_lsa
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import group_detr  # noqa: E402
+from group_detr import GroupMatcher, linear_sum_assignment  # noqa: E402
+from group_detr.reference import ReferenceGroupMatcher  # noqa: E402
+from workloads import load_workloads, matcher_inputs  # noqa: E402
+
+
+def machine_name(device: torch.device) -> str:
+    """`cpu-2core`, `h100`, `h200`, ... : the results file is named after the machine."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device).lower()
+        for known in ("h200", "h100", "a100", "l40s", "a10g", "v100", "t4"):
+            if known in name:
+                return known
+        return "".join(c if c.isalnum() else "-" for c in name).strip("-")
+    return f"cpu-{os.cpu_count()}core"
+
+
+def timed(fn, device, repeats, warmup):
+    """Median, 10th and 90th percentile wall time of fn() in ms (device work included)."""
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return {
+        "median_ms": float(np.median(times)),
+        "p10_ms": float(np.percentile(times, 10)),
+        "p90_ms": float(np.percentile(times, 90)),
+        "repeats": repeats,
+    }
+
+
+def totals(cost_np, matched):
+    """Total cost per problem of a `(P, T)` matched-query array."""
+    out = np.zeros(cost_np.shape[0])
+    for p in range(cost_np.shape[0]):
+        cols = np.nonzero(matched[p] >= 0)[0]
+        out[p] = cost_np[p, matched[p, cols], cols].sum()
+    return out
+
+
+# ---------------------------------------------------------------- the contenders (assignment)
+
+def scipy_detr_style(flat_cost, sizes, num_groups, queries_per_group):
+    """Public Group DETR after the cost: `(B, K*N, sum M)` split per group and image, scipy each."""
+    cost = flat_cost.cpu()
+    indices = []
+    for cost_g in cost.split(queries_per_group, dim=1):
+        indices.append([scipy_lsa(c[i]) for i, c in enumerate(cost_g.split(sizes, -1))])
+    return [
+        [(torch.as_tensor(i, dtype=torch.int64), torch.as_tensor(j, dtype=torch.int64))
+         for i, j in group]
+        for group in indices
+    ]
+
+
+def scipy_numpy_loop(cost_np, counts):
+    matched = np.full(cost_np.shape[::2], -1, dtype=np.int64)
+    for p, m in enumerate(counts):
+        if m:
+            rows, cols = scipy_lsa(cost_np[p, :, :m])
+            matched[p, cols] = rows
+    return matched
+
+
+def lapx_solvers():
+    try:
+        import lap
+    except ImportError:
+        return {}
+    return {
+        name: getattr(lap, name)
+        for name in ("lapjvr_batch", "lapjvx_batch", "lapjvs_batch")
+        if hasattr(lap, name)
+    }
+
+
+def lapx_per_image(solver, cost_np, counts, num_groups, threads):
+    """lapx batch solvers need equal shapes: one batch call per image (its K groups)."""
+    matched = np.full(cost_np.shape[::2], -1, dtype=np.int64)
+    for b in range(cost_np.shape[0] // num_groups):
+        m = counts[b * num_groups]
+        if m == 0:
+            continue
+        block = np.ascontiguousarray(cost_np[b * num_groups:(b + 1) * num_groups, :, :m])
+        result = solver(block, extend_cost=True, return_cost=False, n_threads=threads)
+        matched[b * num_groups:(b + 1) * num_groups, :m] = _lapx_rows(result, m)
+    return matched
+
+
+def _lapx_rows(result, num_cols):
+    """lapx batch output `(rows per problem, cols per problem)` -> (K, m) query per target."""
+    rows_list, cols_list = result
+    out = np.full((len(rows_list), num_cols), -1, dtype=np.int64)
+    for k, (rows, cols) in enumerate(zip(rows_list, cols_list)):
+        out[k, np.asarray(cols)] = np.asarray(rows)
+    return out
+
+
+def torch_linear_assignment_solver():
+    try:
+        from torch_linear_assignment import batch_linear_assignment
+    except ImportError:
+        return None
+    return batch_linear_assignment
+
+
+def tla_per_image(solve, cost, counts, num_groups):
+    """torch-linear-assignment wants workers as rows: (K, m, N) per image; returns row->col."""
+    matched = torch.full(cost.shape[::2], -1, dtype=torch.int64, device=cost.device)
+    for b in range(cost.shape[0] // num_groups):
+        m = counts[b * num_groups]
+        if m == 0:
+            continue
+        block = cost[b * num_groups:(b + 1) * num_groups, :, :m].transpose(1, 2).contiguous()
+        matched[b * num_groups:(b + 1) * num_groups, :m] = solve(block)
+    return matched
+
+
+# ------------------------------------------------------------------------------ the workloads
+
+def run_workload(name, spec, device, repeats, warmup, threads):
+    outputs, targets = matcher_inputs(spec, device)
+    num_groups, queries_per_group = spec["groups"], spec["queries_per_group"]
+    matcher = GroupMatcher(num_groups=num_groups)
+    reference = ReferenceGroupMatcher(num_groups=num_groups)
+
+    padded, sizes = matcher.cost_matrix(outputs, targets)
+    batch, _, max_targets = padded.shape
+    cost = padded.reshape(batch * num_groups, queries_per_group, max_targets).contiguous()
+    counts = [m for m in sizes for _ in range(num_groups)]
+    counts_t = torch.tensor(counts, dtype=torch.int64, device=device)
+    cost_np = cost.double().cpu().numpy()
+    # DETR's batch-wide layout of the very same numbers: image b's targets are columns
+    # offset_b..offset_b+M_b of every image's row block (only the diagonal blocks are read).
+    flat = torch.cat([padded[:, :, :m] for m in sizes], dim=-1).cpu()
+
+    # Check every contender before timing it.
+    expected = scipy_numpy_loop(cost_np, counts)
+    expected_totals = totals(cost_np, expected)
+    ours = linear_sum_assignment(cost, counts_t).cpu().numpy()
+    assert np.array_equal(ours, expected), f"{name}: ours differs from scipy"
+    detr = scipy_detr_style(flat, sizes, num_groups, queries_per_group)
+    for g in range(num_groups):
+        for b, (rows, cols) in enumerate(detr[g]):
+            p = b * num_groups + g
+            assert np.array_equal(expected[p, cols.numpy()], rows.numpy()), name
+
+    cpu = torch.device("cpu")
+    results = {}
+    results["ours"] = timed(lambda: linear_sum_assignment(cost, counts_t), device, repeats, warmup)
+    results["scipy_detr_style"] = timed(
+        lambda: scipy_detr_style(flat, sizes, num_groups, queries_per_group), cpu,
+        max(3, repeats // 4), 1)
+    results["scipy_numpy_loop"] = timed(
+        lambda: scipy_numpy_loop(cost_np, counts), cpu, max(3, repeats // 4), 1)
+
+    best_lapx = None
+    for solver_name, solver in lapx_solvers().items():
+        got = lapx_per_image(solver, cost_np, counts, num_groups, threads)
+        if not np.allclose(totals(cost_np, got), expected_totals, rtol=1e-9, atol=1e-6):
+            print(f"  {name}: lapx {solver_name} disagrees with scipy; not timed")
+            continue
+        t = timed(lambda: lapx_per_image(solver, cost_np, counts, num_groups, threads), cpu,
+                  repeats, warmup)
+        t["solver"] = solver_name
+        if best_lapx is None or t["median_ms"] < best_lapx["median_ms"]:
+            best_lapx = t
+    if best_lapx is not None:
+        results["lapx_best"] = best_lapx
+
+    tla = torch_linear_assignment_solver()
+    if tla is not None:
+        got = tla_per_image(tla, cost, counts, num_groups).cpu().numpy()
+        if np.allclose(totals(cost_np, got), expected_totals, rtol=1e-6, atol=1e-4):
+            results["torch_linear_assignment"] = timed(
+                lambda: tla_per_image(tla, cost, counts, num_groups), device, repeats, warmup)
+        else:
+            print(f"  {name}: torch-linear-assignment disagrees with scipy; not timed")
+
+    # (b) the whole matcher, from the model's outputs to DETR's index lists.
+    ours_idx = matcher(outputs, targets)
+    ref_idx = reference(outputs, targets)
+    for (qa, ta), (qb, tb) in zip(ours_idx, ref_idx):
+        a = sorted(zip(qa.tolist(), ta.tolist()))
+        b = sorted(zip(qb.tolist(), tb.tolist()))
+        assert a == b, f"{name}: GroupMatcher and the reference matcher disagree"
+    matcher_results = {
+        "ours": timed(lambda: matcher(outputs, targets), device, repeats, warmup),
+        "reference": timed(lambda: reference(outputs, targets), device, max(3, repeats // 4), 1),
+    }
+
+    ours_ms = results["ours"]["median_ms"]
+    return {
+        "problems": int(cost.shape[0]),
+        "cost_shape": list(cost.shape),
+        "targets_per_image": sizes,
+        "assignment": results,
+        "assignment_speedup": {k: v["median_ms"] / ours_ms for k, v in results.items()
+                               if k != "ours"},
+        "matcher": matcher_results,
+        "matcher_speedup": matcher_results["reference"]["median_ms"]
+        / matcher_results["ours"]["median_ms"],
+    }
+
+
+def print_table(report):
+    cols = ["ours", "scipy_detr_style", "scipy_numpy_loop", "lapx_best", "torch_linear_assignment"]
+    head = f"{'workload':12s} {'problems':>8s} " + " ".join(f"{c:>24s}" for c in cols)
+    print("\nassignment only, median ms (speed-up of ours over each)")
+    print(head)
+    for name, r in report["workloads"].items():
+        cells = []
+        for c in cols:
+            t = r["assignment"].get(c)
+            if t is None:
+                cells.append(f"{'-':>24s}")
+            elif c == "ours":
+                cells.append(f"{t['median_ms']:24.3f}")
+            else:
+                cells.append(f"{t['median_ms']:12.3f} ({r['assignment_speedup'][c]:6.1f}x)  ")
+        print(f"{name:12s} {r['problems']:8d} " + " ".join(cells))
+    print("\nwhole matcher (cost + assignment + DETR index lists), median ms")
+    print(f"{'workload':12s} {'GroupMatcher':>14s} {'reference':>14s} {'speed-up':>9s}")
+    for name, r in report["workloads"].items():
+        m = r["matcher"]
+        print(f"{name:12s} {m['ours']['median_ms']:14.3f} {m['reference']['median_ms']:14.3f} "
+              f"{r['matcher_speedup']:8.1f}x")
+    lapx = [r["assignment"]["lapx_best"].get("solver") for r in report["workloads"].values()
+            if "lapx_best" in r["assignment"]]
+    if lapx:
+        print(f"\nlapx_best: the fastest of lapx's batch solvers per workload ({', '.join(lapx)}), "
+              f"{report['threads']} threads")
+
+
+def git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, text=True,
+                              capture_output=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--workloads", nargs="*", help="subset of workload names")
+    parser.add_argument("--repeats", type=int, default=100)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="threads for our CPU solver and lapx (default: torch's)")
+    parser.add_argument("--quick", action="store_true", help="few repeats, no results file")
+    parser.add_argument("--out", help="results file (default results/matcher-<machine>.json)")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda needs a CUDA device")
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        args.repeats, args.warmup = 5, 1
+    workloads = load_workloads("matcher")
+    names = args.workloads or list(workloads)
+    unknown = sorted(set(names) - set(workloads))
+    if unknown:
+        parser.error(f"unknown workloads {unknown}; known: {sorted(workloads)}")
+
+    report = {
+        "benchmark": "matcher",
+        "machine": machine_name(device),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+        else platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "threads": args.threads,
+        "backends": group_detr.backends(),
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "commit": git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "workloads": {},
+    }
+    try:
+        import scipy
+        report["versions"]["scipy"] = scipy.__version__
+        import lap
+        report["versions"]["lapx"] = getattr(lap, "__version__", "?")
+    except ImportError:
+        pass
+    if not lapx_solvers():
+        print("lapx is not installed (pip install lapx): its column is left out")
+    if torch_linear_assignment_solver() is None:
+        print("torch-linear-assignment is not installed: its column is left out")
+    for name in names:
+        print(f"running {name} ...", flush=True)
+        report["workloads"][name] = run_workload(name, workloads[name], device, args.repeats,
+                                                 args.warmup, args.threads)
+    print_table(report)
+    if not args.quick:
+        out = args.out or os.path.join(HERE, "results", f"matcher-{report['machine']}.json")
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        with open(out, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"\nwrote {out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
