@@ -131,6 +131,15 @@ def lapx_per_image(solver, cost_np, counts, num_groups, threads):
     return matched
 
 
+def lapx_padded(solver, padded_np, counts, threads):
+    """One batch call over all problems, padding columns at a constant cost: a constant column
+    can take any query, so the real columns' optimum is unchanged (ties may break otherwise)."""
+    result = solver(padded_np, extend_cost=True, return_cost=False, n_threads=threads)
+    matched = _lapx_rows(result, padded_np.shape[2])
+    matched[np.arange(padded_np.shape[2])[None, :] >= np.asarray(counts)[:, None]] = -1
+    return matched
+
+
 def _lapx_rows(result, num_cols):
     """lapx batch output `(rows per problem, cols per problem)` -> (K, m) query per target."""
     rows_list, cols_list = result
@@ -198,17 +207,24 @@ def run_workload(name, spec, device, repeats, warmup, threads):
     results["scipy_numpy_loop"] = timed(
         lambda: scipy_numpy_loop(cost_np, counts), cpu, max(3, repeats // 4), 1)
 
+    # lapx at its best: each batch solver, called per image or once on a constant-padded batch
+    # (the padding is prepared outside the timed region).
+    padded_np = cost_np.copy()
+    pad_columns = np.arange(max_targets)[None, :] >= np.asarray(counts)[:, None]
+    padded_np[np.broadcast_to(pad_columns[:, None, :], padded_np.shape)] = 0.0
     best_lapx = None
     for solver_name, solver in lapx_solvers().items():
-        got = lapx_per_image(solver, cost_np, counts, num_groups, threads)
-        if not np.allclose(totals(cost_np, got), expected_totals, rtol=1e-9, atol=1e-6):
-            print(f"  {name}: lapx {solver_name} disagrees with scipy; not timed")
-            continue
-        t = timed(lambda: lapx_per_image(solver, cost_np, counts, num_groups, threads), cpu,
-                  repeats, warmup)
-        t["solver"] = solver_name
-        if best_lapx is None or t["median_ms"] < best_lapx["median_ms"]:
-            best_lapx = t
+        for mode, run in (
+            ("per image", lambda: lapx_per_image(solver, cost_np, counts, num_groups, threads)),
+            ("padded batch", lambda: lapx_padded(solver, padded_np, counts, threads)),
+        ):
+            if not np.allclose(totals(cost_np, run()), expected_totals, rtol=1e-9, atol=1e-6):
+                print(f"  {name}: lapx {solver_name} ({mode}) disagrees with scipy; not timed")
+                continue
+            t = timed(run, cpu, repeats, warmup)
+            t["solver"] = f"{solver_name}, {mode}"
+            if best_lapx is None or t["median_ms"] < best_lapx["median_ms"]:
+                best_lapx = t
     if best_lapx is not None:
         results["lapx_best"] = best_lapx
 

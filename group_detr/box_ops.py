@@ -23,15 +23,20 @@ def box_area(boxes: Tensor) -> Tensor:
     return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
 
 
+def _pairwise_corners(boxes1: Tensor, boxes2: Tensor):
+    """Coordinates as `(..., N, 1)` and `(..., 1, M)` columns: pairwise maxima and minima of
+    these broadcast straight into contiguous `(..., N, M)` results, where DETR's
+    `(..., N, M, 2)` form strides through interleaved x/y pairs."""
+    return [c.unsqueeze(-1) for c in boxes1.unbind(-1)], [c.unsqueeze(-2) for c in boxes2.unbind(-1)]
+
+
 def box_iou(boxes1: Tensor, boxes2: Tensor):
     """Pairwise IoU of xyxy boxes `(..., N, 4)`, `(..., M, 4)` -> (iou, union), each `(..., N, M)`."""
-    area1 = box_area(boxes1)
-    area2 = box_area(boxes2)
-    lt = torch.max(boxes1[..., :, None, :2], boxes2[..., None, :, :2])
-    rb = torch.min(boxes1[..., :, None, 2:], boxes2[..., None, :, 2:])
-    wh = (rb - lt).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]
-    union = area1[..., :, None] + area2[..., None, :] - inter
+    (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = _pairwise_corners(boxes1, boxes2)
+    inter_w = (torch.minimum(ax1, bx1) - torch.maximum(ax0, bx0)).clamp_(min=0)
+    inter_h = (torch.minimum(ay1, by1) - torch.maximum(ay0, by0)).clamp_(min=0)
+    inter = inter_w.mul_(inter_h)
+    union = (ax1 - ax0) * (ay1 - ay0) + (bx1 - bx0) * (by1 - by0) - inter
     return inter / union, union
 
 
@@ -42,11 +47,11 @@ def generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     (`check_boxes`) rather than on every call.
     """
     iou, union = box_iou(boxes1, boxes2)
-    lt = torch.min(boxes1[..., :, None, :2], boxes2[..., None, :, :2])
-    rb = torch.max(boxes1[..., :, None, 2:], boxes2[..., None, :, 2:])
-    wh = (rb - lt).clamp(min=0)
-    area = wh[..., 0] * wh[..., 1]
-    return iou - (area - union) / area
+    (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = _pairwise_corners(boxes1, boxes2)
+    hull_w = (torch.maximum(ax1, bx1) - torch.minimum(ax0, bx0)).clamp_(min=0)
+    hull_h = (torch.maximum(ay1, by1) - torch.minimum(ay0, by0)).clamp_(min=0)
+    hull = hull_w.mul_(hull_h)
+    return iou - (hull - union) / hull
 
 
 def elementwise_generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
