@@ -33,6 +33,11 @@ def has_lsa_cuda() -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("group_detr::batched_lsa", "CUDA")
 
 
+def has_lsa_warp_emulated() -> bool:
+    """The CUDA solver's warp-parallel code with emulated lanes on the CPU (tests)."""
+    return _C is not None and hasattr(torch.ops.group_detr, "batched_lsa_warp_emulated")
+
+
 def has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
 
@@ -61,3 +66,12 @@ if _C is not None:
         matched = cost.new_empty((num_problems, num_cols), dtype=torch.int64)
         status = cost.new_empty((num_problems,), dtype=torch.int32)
         return matched, status
+
+    if has_lsa_warp_emulated():
+
+        @torch.library.register_fake("group_detr::batched_lsa_warp_emulated")
+        def _batched_lsa_warp_emulated_fake(cost, num_targets, reverse_lanes=False, stage=False):
+            num_problems, _, num_cols = cost.shape
+            matched = cost.new_empty((num_problems, num_cols), dtype=torch.int64)
+            status = cost.new_empty((num_problems,), dtype=torch.int32)
+            return matched, status

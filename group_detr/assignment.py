@@ -11,7 +11,9 @@ from torch import Tensor
 
 from group_detr import _ext
 
-BACKENDS = ("auto", "cpu", "cuda", "scipy")
+# "cpu_warp_emulated": the CUDA solver's warp-parallel code run on the CPU with emulated lanes
+# (csrc/lsa/warp_scan.h); for tests on machines without a GPU, slower than "cpu".
+BACKENDS = ("auto", "cpu", "cuda", "scipy", "cpu_warp_emulated")
 
 # Per-problem status codes written by the compiled solver (csrc/lsa/solver.h: LsaStatus).
 STATUS_OK = 0
@@ -38,7 +40,7 @@ def _check_inputs(cost, num_targets):
     if num_targets is None:
         return torch.full((num_problems,), num_cols, dtype=torch.int64, device=cost.device)
     if not isinstance(num_targets, Tensor):
-        num_targets = torch.as_tensor(num_targets, dtype=torch.int64, device=cost.device)
+        num_targets = _host_to_device(torch.as_tensor(num_targets, dtype=torch.int64), cost.device)
     if num_targets.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"num_targets must be int32 or int64, got {num_targets.dtype}")
     if num_targets.shape != (num_problems,):
@@ -51,6 +53,13 @@ def _check_inputs(cost, num_targets):
             "keep both on the same device"
         )
     return num_targets.to(torch.int64)
+
+
+def _host_to_device(tensor: Tensor, device) -> Tensor:
+    """Copy a small host tensor to `device` without a host synchronisation (pinned, async)."""
+    if torch.device(device).type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def _resolve_backend(backend, device):
@@ -67,11 +76,17 @@ def _resolve_backend(backend, device):
             raise RuntimeError("backend='cuda' requested but group_detr._C was built without CUDA")
     if backend == "cpu" and not _ext.has_lsa_cpu():
         raise RuntimeError("backend='cpu' requested but group_detr._C is not built")
+    if backend == "cpu_warp_emulated" and not _ext.has_lsa_warp_emulated():
+        raise RuntimeError("backend='cpu_warp_emulated' needs group_detr._C built with that op")
     return backend
 
 
 def raise_for_status(status: Tensor) -> None:
-    """Turn the solver's per-problem status `(P,)` into a ValueError naming the first bad problem."""
+    """Turn the solver's per-problem status `(P,)` into a ValueError naming the first bad problem.
+
+    A CUDA status is copied to the host once (the one synchronisation of validation).
+    """
+    status = status.cpu()
     bad = torch.nonzero(status != STATUS_OK)
     if bad.numel() == 0:
         return
@@ -117,8 +132,12 @@ def _solve_scipy(cost: Tensor, num_targets: Tensor) -> Tensor:
 
 
 def linear_sum_assignment(
-    cost: Tensor, num_targets=None, backend: str = "auto", validate: bool = True
-) -> Tensor:
+    cost: Tensor,
+    num_targets=None,
+    backend: str = "auto",
+    validate: bool = True,
+    return_status: bool = False,
+):
     """Solve P independent rectangular assignment problems in one call.
 
     Args:
@@ -131,26 +150,43 @@ def linear_sum_assignment(
         validate: raise ValueError for NaN/-inf costs, infeasible problems and out-of-range
             num_targets. With validate=False nothing synchronises with the host (CUDA-graph
             capture); failed problems then come back as rows of -1.
+        return_status: return `(matched, status)` instead, status `(P,)` int32 per problem
+            (STATUS_*, None for the scipy backend, which raises itself), unvalidated, so that a
+            caller can fetch it with its own results in one copy (GroupMatcher does).
 
     Returns:
         `(P, T)` int64 on the cost's device: the query assigned to each target column, -1 for
         padding columns and for targets left unmatched when a problem has more targets than
         queries. The total cost is minimal and the assignment equals scipy's.
     """
+    matched, status = solve_with_status(cost, num_targets, backend)
+    if return_status:
+        return matched, status
+    if validate and status is not None:
+        raise_for_status(status)
+    return matched
+
+
+def solve_with_status(cost: Tensor, num_targets=None, backend: str = "auto"):
+    """`linear_sum_assignment` without validation: `(matched, status)`, status `(P,)` int32 per
+    problem (STATUS_*), on the cost's device, or None for the scipy backend (which raises).
+    Nothing synchronises with the host on CUDA; callers check the status when they choose to
+    (GroupMatcher fetches it together with its indices, in one copy)."""
     num_targets = _check_inputs(cost, num_targets)
     backend = _resolve_backend(backend, cost.device)
     if backend == "scipy":
-        return _solve_scipy(cost, num_targets)
+        return _solve_scipy(cost, num_targets), None
     if cost.dtype in (torch.float16, torch.bfloat16):
         cost = cost.float()
+    if backend == "cpu_warp_emulated":
+        matched, status = torch.ops.group_detr.batched_lsa_warp_emulated(
+            cost.cpu(), num_targets.cpu()
+        )
+        return matched.to(cost.device), status.to(cost.device)
     if backend == "cpu" and cost.device.type != "cpu":
         matched, status = torch.ops.group_detr.batched_lsa(cost.cpu(), num_targets.cpu())
-        matched, status = matched.to(cost.device), status.to(cost.device)
-    else:
-        matched, status = torch.ops.group_detr.batched_lsa(cost, num_targets)
-    if validate:
-        raise_for_status(status)
-    return matched
+        return matched.to(cost.device), status.to(cost.device)
+    return torch.ops.group_detr.batched_lsa(cost, num_targets)
 
 
 def scipy_compatible(cost_matrix, maximize: bool = False):

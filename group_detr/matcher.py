@@ -9,7 +9,7 @@ call of the batched solver.
 import torch
 from torch import Tensor, nn
 
-from group_detr.assignment import linear_sum_assignment
+from group_detr.assignment import _host_to_device, linear_sum_assignment, raise_for_status
 from group_detr.box_ops import box_cxcywh_to_xyxy, check_boxes, generalized_box_iou
 
 CLASS_COSTS = ("focal", "softmax")
@@ -22,12 +22,14 @@ def _get(mapping, *keys, what):
     raise KeyError(f"{what} not found: expected one of the keys {keys}, got {sorted(mapping)}")
 
 
-def pad_targets(targets, num_classes: int, device):
+def pad_targets(targets, num_classes: int, device, validate: bool = True):
     """Stack per-image targets into padded tensors.
 
     Returns labels `(B, M_max)` int64, boxes `(B, M_max, 4)` cxcywh and the list of M_i.
     Padding rows hold label 0 and a valid unit box so that the costs stay finite; the solver
-    never looks at them (`num_targets`).
+    never looks at them (`num_targets`). The value checks (label range, finite boxes) read the
+    tensors on the host; with validate=False on a CUDA device they are skipped so that nothing
+    synchronises, and labels are clamped into range so that a bad one cannot fault the gather.
     """
     labels = [_get(t, "labels", "class_labels", what="target labels") for t in targets]
     boxes = [_get(t, "boxes", what="target boxes") for t in targets]
@@ -43,15 +45,15 @@ def pad_targets(targets, num_classes: int, device):
     max_targets = max(sizes, default=0)
     num_images = len(targets)
     labels_padded = torch.zeros((num_images, max_targets), dtype=torch.int64, device=device)
-    boxes_padded = torch.tensor([0.5, 0.5, 1.0, 1.0], device=device).repeat(
-        num_images, max_targets, 1
-    )
+    # Filled on the device (a torch.tensor(list, device=cuda) would be a blocking copy).
+    boxes_padded = torch.ones((num_images, max_targets, 4), device=device)
+    boxes_padded[..., :2] = 0.5
     for i, (l, b) in enumerate(zip(labels, boxes)):
         labels_padded[i, : sizes[i]] = l
         boxes_padded[i, : sizes[i]] = b
-    if labels_padded.numel() and (
-        (labels_padded < 0).any() or (labels_padded >= num_classes).any()
-    ):
+    if not validate and torch.device(device).type == "cuda":
+        return labels_padded.clamp_(0, max(num_classes - 1, 0)), boxes_padded, sizes
+    if labels_padded.numel() and ((labels_padded < 0) | (labels_padded >= num_classes)).any():
         raise ValueError(f"target labels must be class ids in [0, {num_classes})")
     check_boxes(boxes_padded, "target boxes")
     return labels_padded, boxes_padded, sizes
@@ -134,7 +136,9 @@ class GroupMatcher(nn.Module):
             )
         if len(targets) != logits.shape[0]:
             raise ValueError(f"got {len(targets)} targets for a batch of {logits.shape[0]} images")
-        labels, tgt_boxes, sizes = pad_targets(targets, logits.shape[-1], logits.device)
+        labels, tgt_boxes, sizes = pad_targets(
+            targets, logits.shape[-1], logits.device, validate=self.validate
+        )
         pred_boxes = pred_boxes.float()
         tgt_boxes = tgt_boxes.to(pred_boxes.dtype)
         cost = self.cost_class * self.class_cost_matrix(logits.float(), labels)
@@ -190,14 +194,18 @@ class GroupMatcher(nn.Module):
             raise ValueError(f"num_targets has {len(sizes)} entries for {num_images} images")
         queries_per_group = num_queries // num_groups
         counts = torch.tensor(sizes, dtype=torch.int64).repeat_interleave(num_groups)
-        matched = linear_sum_assignment(
+        # On CUDA: no synchronisation in the solve; the status (validate=True) travels to the
+        # host with the indices in one copy, or alone with return_device.
+        matched, status = linear_sum_assignment(
             cost.reshape(num_images * num_groups, queries_per_group, max_targets),
-            counts.to(cost.device),
+            _host_to_device(counts, cost.device),
             backend=self.backend,
-            validate=self.validate,
+            validate=False,
+            return_status=True,
         )
         return _to_detr_indices(matched, num_images, num_groups, queries_per_group, sizes,
-                                to_cpu=not self.return_device)
+                                to_cpu=not self.return_device,
+                                status=status if self.validate else None)
 
 
 def _check_num_groups(num_groups):
@@ -205,7 +213,8 @@ def _check_num_groups(num_groups):
         raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
 
 
-def _to_detr_indices(matched, num_images, num_groups, queries_per_group, sizes, to_cpu):
+def _to_detr_indices(matched, num_images, num_groups, queries_per_group, sizes, to_cpu,
+                     status=None):
     """Solver output `(B*K, M_max)` -> DETR's per-image `(query_idx, target_idx)`, query-sorted.
 
     One sort for the whole batch: unmatched/padding entries get a key past every query, so
@@ -220,8 +229,17 @@ def _to_detr_indices(matched, num_images, num_groups, queries_per_group, sizes, 
     target = torch.arange(max_targets, device=matched.device).expand(num_images, num_groups, -1)
     query, order = torch.sort(query, dim=1)
     target = torch.gather(target.flatten(1), 1, order)
-    if to_cpu:
-        query, target = query.cpu(), target.cpu()
+    if to_cpu:  # one device-to-host copy (the call's one synchronisation on CUDA)
+        parts = [query.flatten(), target.flatten()]
+        if status is not None:
+            parts.append(status.to(torch.int64))
+        host = torch.cat(parts).cpu()
+        query = host[: query.numel()].view(query.shape)
+        target = host[query.numel(): 2 * query.numel()].view(target.shape)
+        if status is not None:
+            status = host[2 * query.numel():]
+    if status is not None:
+        raise_for_status(status)
     return [
         (query[b, : num_groups * min(queries_per_group, m)],
          target[b, : num_groups * min(queries_per_group, m)])

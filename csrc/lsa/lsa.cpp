@@ -6,6 +6,10 @@
 // assigned to it, -1 for padding and unmatched targets; status per problem (solver.h: Status).
 TORCH_LIBRARY(group_detr, m) {
   m.def("batched_lsa(Tensor cost, Tensor num_targets) -> (Tensor, Tensor)");
+  // The CUDA solver's warp-parallel code with emulated lanes, on the CPU (tests only).
+  m.def(
+      "batched_lsa_warp_emulated(Tensor cost, Tensor num_targets, bool reverse_lanes=False, "
+      "bool stage=False) -> (Tensor, Tensor)");
 }
 
 // Importing group_detr._C runs the static registrations above; the module itself is empty.

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "lsa/cpu_solver.h"
+#include "lsa/warp_scan.h"
 
 namespace group_detr {
 namespace {
@@ -85,4 +86,65 @@ std::tuple<at::Tensor, at::Tensor> batched_lsa_cpu(const at::Tensor& cost,
 
 TORCH_LIBRARY_IMPL(group_detr, CPU, m) {
   m.impl("batched_lsa", &group_detr::batched_lsa_cpu);
+}
+
+// group_detr::batched_lsa_warp_emulated: the CUDA solver's warp-parallel code (warp_scan.h) run
+// on the CPU with emulated lanes, one problem per thread. For the tests, so that the machines
+// without a GPU check the very template the kernel instantiates. `reverse_lanes` runs the lanes
+// of every warp step in the opposite order (a cross-lane race would change the result); `stage`
+// reads the cost from a staged copy, as the kernel does when it fits in shared memory.
+namespace group_detr {
+namespace {
+
+template <bool kReverse>
+std::tuple<at::Tensor, at::Tensor> warp_emulated(const at::Tensor& cost,
+                                                 const at::Tensor& num_targets, bool stage) {
+  TORCH_CHECK(cost.dim() == 3, "batched_lsa_warp_emulated: cost must have shape (P, Q, T)");
+  TORCH_CHECK(cost.scalar_type() == at::kFloat || cost.scalar_type() == at::kDouble,
+              "batched_lsa_warp_emulated: cost must be float32 or float64");
+  TORCH_CHECK(num_targets.dim() == 1 && num_targets.size(0) == cost.size(0),
+              "batched_lsa_warp_emulated: num_targets must have shape (P,)");
+  TORCH_CHECK(cost.device().is_cpu() && num_targets.device().is_cpu(),
+              "batched_lsa_warp_emulated: tensors must be on the CPU");
+  const int64_t num_problems = cost.size(0), num_queries = cost.size(1), num_cols = cost.size(2);
+  auto matched = at::empty({num_problems, num_cols}, cost.options().dtype(at::kLong));
+  auto status = at::zeros({num_problems}, cost.options().dtype(at::kInt));
+  if (num_problems == 0) return {matched, status};
+  const at::Tensor counts = num_targets.to(at::kLong).contiguous();
+  const int64_t* count = counts.data_ptr<int64_t>();
+  // The kernel's sizing: the batch's bounds, whatever num_targets holds.
+  const int64_t max_rows = std::min(num_queries, num_cols);
+  const int64_t max_cols = std::max(num_queries, num_cols);
+  int64_t* out = matched.data_ptr<int64_t>();
+  int32_t* problem_status = status.data_ptr<int32_t>();
+  AT_DISPATCH_FLOATING_TYPES(cost.scalar_type(), "batched_lsa_warp_emulated", [&] {
+    const scalar_t* base = cost.data_ptr<scalar_t>();
+    at::parallel_for(0, num_problems, 1, [&](int64_t begin, int64_t end) {
+      std::vector<double> memory(lsa::warp_workspace_bytes(max_rows, max_cols) / 8 + 1);
+      std::vector<scalar_t> staged(stage ? max_rows * max_cols : 0);
+      const lsa::EmulatedLanes<kReverse> lanes;
+      for (int64_t p = begin; p < end; ++p) {
+        problem_status[p] = lsa::warp_solve_one(
+            lanes, base + p * cost.stride(0), cost.stride(1), cost.stride(2),
+            static_cast<int32_t>(num_queries), count[p], static_cast<int32_t>(num_cols),
+            reinterpret_cast<unsigned char*>(memory.data()), static_cast<int32_t>(max_rows),
+            static_cast<int32_t>(max_cols), stage ? staged.data() : nullptr, out + p * num_cols);
+      }
+    });
+  });
+  return {matched, status};
+}
+
+std::tuple<at::Tensor, at::Tensor> batched_lsa_warp_emulated(const at::Tensor& cost,
+                                                             const at::Tensor& num_targets,
+                                                             bool reverse_lanes, bool stage) {
+  return reverse_lanes ? warp_emulated<true>(cost, num_targets, stage)
+                       : warp_emulated<false>(cost, num_targets, stage);
+}
+
+}  // namespace
+}  // namespace group_detr
+
+TORCH_LIBRARY_IMPL(group_detr, CPU, m) {
+  m.impl("batched_lsa_warp_emulated", &group_detr::batched_lsa_warp_emulated);
 }

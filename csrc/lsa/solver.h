@@ -137,7 +137,36 @@ struct SerialScan {
   }
 };
 
-// Solves one problem whose shifted cost is in ws.cost. On kOk, ws.col4row[r] is the column
+// The lanes that run solve(). A CPU scan runs on one thread: SingleLane, and solve() is plain
+// sequential code (every hook below compiles away). The warp scan (warp_scan.h) runs on the 32
+// lanes of a warp, each executing solve(): the loops that initialise the per-column arrays are
+// spread over the lanes, the sequential bookkeeping is computed by every lane (so the control
+// flow stays uniform) but written to memory by the leader lane alone, and `sync()` (__syncwarp)
+// orders the memory between the phases. A scan declares its lanes as a member type `Lanes`.
+struct SingleLane {
+  LSA_HD static constexpr int32_t count() { return 1; }
+  LSA_HD static constexpr bool leader() { return true; }
+  LSA_HD static void sync() {}
+  template <typename F>
+  LSA_HD void for_each(F&& f) const {
+    f(int32_t(0));
+  }
+};
+
+template <typename...>
+struct make_void {
+  using type = void;
+};
+template <typename Scan, typename = void>
+struct ScanLanes {
+  using type = SingleLane;
+};
+template <typename Scan>
+struct ScanLanes<Scan, typename make_void<typename Scan::Lanes>::type> {
+  using type = typename Scan::Lanes;
+};
+
+// Solves one problem whose shifted cost is in ws.cost (or wherever the scan reads it). On kOk, ws.col4row[r] is the column
 // assigned to row r (every row is assigned since nr <= nc).
 //
 // Per augmentation only the columns that joined the tree are touched outside the scans: the
@@ -145,17 +174,21 @@ struct SerialScan {
 // first scan, so an augmentation costs (number of scans) x nc, not an extra reset of nc.
 template <typename acc_t, typename ColumnScan>
 LSA_HD Status solve(int32_t nr, int32_t nc, const Workspace<acc_t>& ws, const ColumnScan& scan) {
-  for (int32_t r = 0; r < nr; ++r) {
-    ws.u[r] = 0;
-    ws.col4row[r] = -1;
-  }
-  // scipy fills its scan order in reverse so that a constant matrix yields the identity.
-  for (int32_t j = 0; j < nc; ++j) {
-    ws.v[j] = 0;
-    ws.row4col[j] = -1;
-    ws.remaining[j] = nc - 1 - j;
-    ws.position[nc - 1 - j] = j;
-  }
+  const typename ScanLanes<ColumnScan>::type lanes{};
+  const int32_t stride = lanes.count();
+  lanes.for_each([&](int32_t lane) {
+    for (int32_t r = lane; r < nr; r += stride) {
+      ws.u[r] = 0;
+      ws.col4row[r] = -1;
+    }
+    // scipy fills its scan order in reverse so that a constant matrix yields the identity.
+    for (int32_t j = lane; j < nc; j += stride) {
+      ws.v[j] = 0;
+      ws.row4col[j] = -1;
+      ws.remaining[j] = nc - 1 - j;
+      ws.position[nc - 1 - j] = j;
+    }
+  });
   for (int32_t cur_row = 0; cur_row < nr; ++cur_row) {
     int32_t num_remaining = nc;
     int32_t num_visited = 0;
@@ -163,55 +196,66 @@ LSA_HD Status solve(int32_t nr, int32_t nc, const Workspace<acc_t>& ws, const Co
     int32_t i = cur_row;
     int32_t sink = -1;
     while (sink < 0) {
-      ws.visited_rows[num_visited] = i;
+      if (lanes.leader()) ws.visited_rows[num_visited] = i;
+      lanes.sync();  // the leader's writes (and the initialisation) before the lanes scan
       const Candidate<acc_t> next = scan(ws, nc, i, min_val, num_visited == 0);
+      // Every lane reads the row matched to the chosen column before the sync below: past it,
+      // the leader may already be rewriting row4col in the augmentation.
+      const int32_t matched_row = next.col < 0 ? -1 : ws.row4col[next.col];
+      lanes.sync();  // every lane's dist/path writes before the leader reads or overwrites them
       if (next.col < 0) return kInfeasible;
       min_val = next.dist;
       const int32_t j = next.col;
-      ws.visited_cols[num_visited] = j;
-      ws.visited_pos[num_visited] = next.pos;
-      ws.visited_dist[num_visited] = next.dist;
+      if (lanes.leader()) {
+        ws.visited_cols[num_visited] = j;
+        ws.visited_pos[num_visited] = next.pos;
+        ws.visited_dist[num_visited] = next.dist;
+        ws.dist[j] = -infinity<acc_t>();
+        // scipy removes the column by moving the last one into its slot; mirror it exactly.
+        const int32_t last = ws.remaining[num_remaining - 1];
+        ws.remaining[next.pos] = last;
+        ws.position[last] = next.pos;
+      }
       ++num_visited;
-      ws.dist[j] = -infinity<acc_t>();
-      if (ws.row4col[j] < 0) {
+      --num_remaining;
+      if (matched_row < 0) {
         sink = j;
       } else {
-        i = ws.row4col[j];
+        i = matched_row;
       }
-      // scipy removes the column by moving the last one into its slot; mirror it exactly.
-      const int32_t last = ws.remaining[--num_remaining];
-      ws.remaining[next.pos] = last;
-      ws.position[last] = next.pos;
     }
-    // Dual updates, scipy's: visited row k > 0 was reached through visited column k - 1.
-    ws.u[cur_row] += min_val;
-    for (int32_t k = 1; k < num_visited; ++k) {
-      ws.u[ws.visited_rows[k]] += min_val - ws.visited_dist[k - 1];
-    }
-    for (int32_t k = 0; k < num_visited; ++k) {
-      ws.v[ws.visited_cols[k]] -= min_val - ws.visited_dist[k];
-    }
-    int32_t j = sink;
-    while (true) {
-      const int32_t r = ws.path[j];
-      ws.row4col[j] = r;
-      const int32_t previous = ws.col4row[r];
-      ws.col4row[r] = j;
-      j = previous;
-      if (r == cur_row) break;
-    }
-    // Undo the removals newest first; slot `num_remaining` still holds the column that was
-    // moved out of it, since later removals only write below their own count.
-    for (int32_t k = num_visited - 1; k >= 0; --k) {
-      const int32_t slot = num_remaining++;
-      const int32_t moved = ws.remaining[slot];
-      const int32_t col = ws.visited_cols[k];
-      const int32_t pos = ws.visited_pos[k];
-      ws.position[moved] = slot;
-      ws.remaining[pos] = col;
-      ws.position[col] = pos;
+    if (lanes.leader()) {
+      // Dual updates, scipy's: visited row k > 0 was reached through visited column k - 1.
+      ws.u[cur_row] += min_val;
+      for (int32_t k = 1; k < num_visited; ++k) {
+        ws.u[ws.visited_rows[k]] += min_val - ws.visited_dist[k - 1];
+      }
+      for (int32_t k = 0; k < num_visited; ++k) {
+        ws.v[ws.visited_cols[k]] -= min_val - ws.visited_dist[k];
+      }
+      int32_t j = sink;
+      while (true) {
+        const int32_t r = ws.path[j];
+        ws.row4col[j] = r;
+        const int32_t previous = ws.col4row[r];
+        ws.col4row[r] = j;
+        j = previous;
+        if (r == cur_row) break;
+      }
+      // Undo the removals newest first; slot `num_remaining` still holds the column that was
+      // moved out of it, since later removals only write below their own count.
+      for (int32_t k = num_visited - 1; k >= 0; --k) {
+        const int32_t slot = num_remaining++;
+        const int32_t moved = ws.remaining[slot];
+        const int32_t col = ws.visited_cols[k];
+        const int32_t pos = ws.visited_pos[k];
+        ws.position[moved] = slot;
+        ws.remaining[pos] = col;
+        ws.position[col] = pos;
+      }
     }
   }
+  lanes.sync();  // col4row for every lane
   return kOk;
 }
 
