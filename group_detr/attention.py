@@ -64,6 +64,17 @@ def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, layout: QueryLayout,
         raise ValueError(f"scale must be a positive float or None, got {scale!r}")
 
 
+def check_kernel_support(q: Tensor) -> None:
+    """Raise ValueError / TypeError when the Triton kernel cannot take q `(B, H, L, D)`: its
+    head_dim or dtype is not one the kernels are built for."""
+    if q.shape[-1] not in KERNEL_HEAD_DIMS:
+        raise ValueError(
+            f"the Triton kernel supports head_dim in {KERNEL_HEAD_DIMS}, got {q.shape[-1]} "
+            "(use backend='masked' or 'folded')")
+    if q.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"the Triton kernel supports dtypes {KERNEL_DTYPES}, got {q.dtype}")
+
+
 def _default_scale(head_dim: int, scale: Optional[float]) -> float:
     return float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)
 
@@ -295,9 +306,8 @@ def grouped_attention(q: Tensor, k: Tensor, v: Tensor, layout: QueryLayout,
         return masked_attention(q, k, v, layout, dropout_p, scale)
     if backend == "folded":
         return folded_attention(q, k, v, layout, dropout_p, scale)
-    if q.is_cuda and q.shape[-1] not in KERNEL_HEAD_DIMS:
-        raise ValueError(
-            f"the 'triton' backend supports head_dim in {KERNEL_HEAD_DIMS}, got {q.shape[-1]}")
+    if q.is_cuda:  # the CPU implementation of the op is the reference math: any head_dim
+        check_kernel_support(q)
     return _op_attention(q, k, v, layout, dropout_p, _default_scale(q.shape[-1], scale))
 
 

@@ -1,0 +1,491 @@
+"""Triton kernels for grouped (block-diagonal) self-attention, forward and backward.
+
+The attention pattern is a `QueryLayout`: contiguous segments (denoising groups, then matching
+groups) and a segment-visibility matrix. Instead of an (L, L) mask the kernels get a schedule:
+
+    tiles  int32 (T, 4): [first_row, end_row, first_range, end_range) for each tile of rows;
+                         tiles are cut per segment, so a tile never straddles two groups and
+                         every row of a tile sees the same keys;
+    ranges int32 (R, 2): [start, end) of the merged visible ranges, indexed by the tiles.
+
+A program walks its tile's ranges in steps of BLOCK_N and masks only the range's tail, so it
+visits only visible key blocks: for K equal groups it does 1/K of the dense work.
+
+  forward  (`_fwd_kernel`):  online softmax over the visible keys (exp2 domain), writes out and
+                             the natural-log log-sum-exp of each row's scaled scores;
+  backward (`_bwd_preprocess`, `_bwd_dkdv_kernel`, `_bwd_dq_kernel`): delta = rowsum(dO * O),
+           then dK, dV per tile of keys (walking the queries that see them: the transposed
+           schedule) and dQ per tile of queries; no atomics.
+
+Dropout is Philox (`tl.rand`) keyed by (seed, ((b*H + h)*L + row)*L + col): the backward
+regenerates the forward's mask instead of storing it, and `dropout_keep_mask` materialises it
+for tests.
+
+On CPU tensors the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set before
+triton is imported); there `tl.dot` is computed in float32 (the interpreter's bf16 dot is wrong)
+and nothing is autotuned.
+"""
+import functools
+import math
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from group_detr.attention import check_attention_inputs, check_kernel_support
+from group_detr.layout import QueryLayout
+
+LOG2E = 1.4426950408889634  # exp(x) = exp2(x * LOG2E): the kernels work in the exp2 domain
+_LOG2E = tl.constexpr(LOG2E)  # the same inside kernels (globals used by kernels must be constexpr)
+INTERPRETED = triton.knobs.runtime.interpret
+TILE = 64  # rows of a query tile (forward, dQ) and of a key tile (dK, dV); the schedule's unit
+
+
+# ------------------------------------------------------------------------------------------------
+# kernels
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _keep(seed, bh, rows, cols, seq_len, dropout_p):
+    """Dropout keep-mask for the (rows x cols) block of head bh: a pure function of the indices,
+    so forward, backward and dropout_keep_mask agree. rows/cols are broadcastable int blocks."""
+    offsets = (bh.to(tl.int64) * seq_len + rows.to(tl.int64)) * seq_len + cols.to(tl.int64)
+    return tl.rand(seed, offsets) >= dropout_p
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _fwd_kernel(Q, K, V, Out, Lse, Tiles, Ranges,
+                stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
+                stride_vb, stride_vh, stride_vl, stride_ob, stride_oh, stride_ol,
+                num_heads, seq_len, qk_scale_log2, dropout_p, seed,
+                HEAD_DIM: tl.constexpr, TILE_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
+                PRECISION: tl.constexpr):
+    tile = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)  # int64 offsets: b * stride_b may pass 2**31
+    b = bh // num_heads
+    h = bh % num_heads
+    row_start = tl.load(Tiles + tile * 4)
+    row_end = tl.load(Tiles + tile * 4 + 1)
+    first_range = tl.load(Tiles + tile * 4 + 2)
+    end_range = tl.load(Tiles + tile * 4 + 3)
+
+    rows = row_start + tl.arange(0, TILE_M)
+    row_ok = rows < row_end
+    dims = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_ql + dims[None, :],
+                mask=row_ok[:, None], other=0.0)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+
+    m_i = tl.full([TILE_M], float("-inf"), dtype=tl.float32)  # running max, log2 units
+    l_i = tl.zeros([TILE_M], dtype=tl.float32)  # running sum of exp2(s - m_i)
+    acc = tl.zeros([TILE_M, HEAD_DIM], dtype=tl.float32)
+    for r in range(first_range, end_range):
+        key_start = tl.load(Ranges + r * 2)
+        key_end = tl.load(Ranges + r * 2 + 1)
+        for block_start in range(key_start, key_end, BLOCK_N):
+            cols = block_start + tl.arange(0, BLOCK_N)
+            col_ok = cols < key_end
+            k_t = tl.load(K + cols[None, :] * stride_kl + dims[:, None], mask=col_ok[None, :],
+                          other=0.0)  # (HEAD_DIM, BLOCK_N)
+            v = tl.load(V + cols[:, None] * stride_vl + dims[None, :], mask=col_ok[:, None],
+                        other=0.0)
+            if DOT_FP32:
+                k_t = k_t.to(tl.float32)
+                v = v.to(tl.float32)
+            s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale_log2
+            s = tl.where(col_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.math.exp2(s - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            # the normaliser sums the probabilities before dropout (softmax, then dropout)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if HAS_DROPOUT:
+                keep = _keep(seed, bh, rows[:, None], cols[None, :], seq_len, dropout_p)
+                p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+
+    acc = acc / l_i[:, None]
+    tl.store(Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_ol + dims[None, :],
+             acc.to(Out.dtype.element_ty), mask=row_ok[:, None])
+    # natural-log lse of the scaled scores: (m + log2 l) / log2(e)
+    tl.store(Lse + bh * seq_len + rows, (m_i + tl.math.log2(l_i)) / _LOG2E,
+             mask=row_ok)
+
+
+@triton.jit
+def _bwd_preprocess(Out, GradOut, Delta, stride_ob, stride_oh, stride_ol,
+                    stride_gb, stride_gh, stride_gl, num_heads, seq_len,
+                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta[b, h, i] = sum_d dO[b, h, i, d] * O[b, h, i, d] (float32)."""
+    bh = tl.program_id(1).to(tl.int64)  # int64 offsets: b * stride_b may pass 2**31
+    b = bh // num_heads
+    h = bh % num_heads
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < seq_len
+    dims = tl.arange(0, HEAD_DIM)
+    o = tl.load(Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_ol + dims[None, :],
+                mask=row_ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(GradOut + b * stride_gb + h * stride_gh + rows[:, None] * stride_gl
+                 + dims[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+    tl.store(Delta + bh * seq_len + rows, tl.sum(o * do, 1), mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _bwd_dkdv_kernel(Q, K, V, GradOut, Lse, Delta, GradK, GradV, Tiles, Ranges,
+                     stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
+                     stride_vb, stride_vh, stride_vl, stride_gb, stride_gh, stride_gl,
+                     stride_dkb, stride_dkh, stride_dkl, stride_dvb, stride_dvh, stride_dvl,
+                     num_heads, seq_len, scale, qk_scale_log2, dropout_p, seed,
+                     HEAD_DIM: tl.constexpr, TILE_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                     HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
+                     PRECISION: tl.constexpr):
+    """dK, dV for one tile of keys, walking the query ranges that see it. Works on transposed
+    blocks (keys x queries) so that dV = Z^T dO and dK = dS^T Q need no transposes."""
+    tile = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)  # int64 offsets: b * stride_b may pass 2**31
+    b = bh // num_heads
+    h = bh % num_heads
+    col_start = tl.load(Tiles + tile * 4)
+    col_end = tl.load(Tiles + tile * 4 + 1)
+    first_range = tl.load(Tiles + tile * 4 + 2)
+    end_range = tl.load(Tiles + tile * 4 + 3)
+
+    cols = col_start + tl.arange(0, TILE_N)
+    col_ok = cols < col_end
+    dims = tl.arange(0, HEAD_DIM)
+    k = tl.load(K + b * stride_kb + h * stride_kh + cols[:, None] * stride_kl + dims[None, :],
+                mask=col_ok[:, None], other=0.0)
+    v = tl.load(V + b * stride_vb + h * stride_vh + cols[:, None] * stride_vl + dims[None, :],
+                mask=col_ok[:, None], other=0.0)
+    if DOT_FP32:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    Q += b * stride_qb + h * stride_qh
+    GradOut += b * stride_gb + h * stride_gh
+    Lse += bh * seq_len
+    Delta += bh * seq_len
+
+    grad_k = tl.zeros([TILE_N, HEAD_DIM], dtype=tl.float32)
+    grad_v = tl.zeros([TILE_N, HEAD_DIM], dtype=tl.float32)
+    for r in range(first_range, end_range):
+        query_start = tl.load(Ranges + r * 2)
+        query_end = tl.load(Ranges + r * 2 + 1)
+        for block_start in range(query_start, query_end, BLOCK_M):
+            rows = block_start + tl.arange(0, BLOCK_M)
+            row_ok = rows < query_end
+            q_t = tl.load(Q + rows[None, :] * stride_ql + dims[:, None], mask=row_ok[None, :],
+                          other=0.0)  # (HEAD_DIM, BLOCK_M)
+            do = tl.load(GradOut + rows[:, None] * stride_gl + dims[None, :],
+                         mask=row_ok[:, None], other=0.0)  # (BLOCK_M, HEAD_DIM)
+            lse_log2 = tl.load(Lse + rows, mask=row_ok, other=0.0) * _LOG2E
+            delta = tl.load(Delta + rows, mask=row_ok, other=0.0)
+            if DOT_FP32:
+                q_t = q_t.to(tl.float32)
+                do = do.to(tl.float32)
+            s_t = tl.dot(k, q_t, input_precision=PRECISION) * qk_scale_log2  # (TILE_N, BLOCK_M)
+            p_t = tl.math.exp2(s_t - lse_log2[None, :])
+            p_t = tl.where(col_ok[:, None] & row_ok[None, :], p_t, 0.0)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # dO V^T, transposed
+            if HAS_DROPOUT:
+                keep = _keep(seed, bh, rows[None, :], cols[:, None], seq_len, dropout_p)
+                z_t = tl.where(keep, p_t / (1.0 - dropout_p), 0.0)
+                dp_t = tl.where(keep, dp_t / (1.0 - dropout_p), 0.0)
+            else:
+                z_t = p_t
+            grad_v += tl.dot(z_t.to(do.dtype), do, input_precision=PRECISION)
+            ds_t = p_t * (dp_t - delta[None, :])
+            grad_k += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=PRECISION)
+
+    grad_k *= scale
+    tl.store(GradK + b * stride_dkb + h * stride_dkh + cols[:, None] * stride_dkl + dims[None, :],
+             grad_k.to(GradK.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(GradV + b * stride_dvb + h * stride_dvh + cols[:, None] * stride_dvl + dims[None, :],
+             grad_v.to(GradV.dtype.element_ty), mask=col_ok[:, None])
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _bwd_dq_kernel(Q, K, V, GradOut, Lse, Delta, GradQ, Tiles, Ranges,
+                   stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
+                   stride_vb, stride_vh, stride_vl, stride_gb, stride_gh, stride_gl,
+                   stride_dqb, stride_dqh, stride_dql,
+                   num_heads, seq_len, scale, qk_scale_log2, dropout_p, seed,
+                   HEAD_DIM: tl.constexpr, TILE_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    """dQ = scale * dS K for one tile of queries, walking its visible key ranges."""
+    tile = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)  # int64 offsets: b * stride_b may pass 2**31
+    b = bh // num_heads
+    h = bh % num_heads
+    row_start = tl.load(Tiles + tile * 4)
+    row_end = tl.load(Tiles + tile * 4 + 1)
+    first_range = tl.load(Tiles + tile * 4 + 2)
+    end_range = tl.load(Tiles + tile * 4 + 3)
+
+    rows = row_start + tl.arange(0, TILE_M)
+    row_ok = rows < row_end
+    dims = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_ql + dims[None, :],
+                mask=row_ok[:, None], other=0.0)
+    do = tl.load(GradOut + b * stride_gb + h * stride_gh + rows[:, None] * stride_gl
+                 + dims[None, :], mask=row_ok[:, None], other=0.0)
+    lse_log2 = tl.load(Lse + bh * seq_len + rows, mask=row_ok, other=0.0) * _LOG2E
+    delta = tl.load(Delta + bh * seq_len + rows, mask=row_ok, other=0.0)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+
+    grad_q = tl.zeros([TILE_M, HEAD_DIM], dtype=tl.float32)
+    for r in range(first_range, end_range):
+        key_start = tl.load(Ranges + r * 2)
+        key_end = tl.load(Ranges + r * 2 + 1)
+        for block_start in range(key_start, key_end, BLOCK_N):
+            cols = block_start + tl.arange(0, BLOCK_N)
+            col_ok = cols < key_end
+            k = tl.load(K + cols[:, None] * stride_kl + dims[None, :], mask=col_ok[:, None],
+                        other=0.0)  # (BLOCK_N, HEAD_DIM)
+            v_t = tl.load(V + cols[None, :] * stride_vl + dims[:, None], mask=col_ok[None, :],
+                          other=0.0)  # (HEAD_DIM, BLOCK_N)
+            if DOT_FP32:
+                k = k.to(tl.float32)
+                v_t = v_t.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale_log2
+            p = tl.math.exp2(s - lse_log2[:, None])
+            p = tl.where(row_ok[:, None] & col_ok[None, :], p, 0.0)
+            dp = tl.dot(do, v_t, input_precision=PRECISION)
+            if HAS_DROPOUT:
+                keep = _keep(seed, bh, rows[:, None], cols[None, :], seq_len, dropout_p)
+                dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+            ds = p * (dp - delta[:, None])
+            grad_q += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+
+    grad_q *= scale
+    tl.store(GradQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dql + dims[None, :],
+             grad_q.to(GradQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _dropout_mask_kernel(Keep, num_heads, seq_len, dropout_p, seed, BLOCK: tl.constexpr):
+    bh = tl.program_id(2)
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    keep = _keep(seed, bh, rows[:, None], cols[None, :], seq_len, dropout_p)
+    ok = (rows[:, None] < seq_len) & (cols[None, :] < seq_len)
+    tl.store(Keep + (bh.to(tl.int64) * seq_len + rows[:, None]) * seq_len + cols[None, :],
+             keep.to(tl.int8), mask=ok)
+
+
+# ------------------------------------------------------------------------------------------------
+# autotuning (CUDA only: the interpreter cannot benchmark). The tile size is fixed because the
+# schedule is cut in tiles; the inner block, warps and stages are tuned.
+# ------------------------------------------------------------------------------------------------
+_KERNELS = {  # name -> (kernel, its inner-loop block argument)
+    "fwd": (_fwd_kernel, "BLOCK_N"),
+    "dkdv": (_bwd_dkdv_kernel, "BLOCK_M"),
+    "dq": (_bwd_dq_kernel, "BLOCK_N"),
+}
+INTERPRETER_BLOCK = 32  # inner block under the interpreter: smaller than TILE, so tails show
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned(name):
+    kernel, inner = _KERNELS[name]
+    configs = [triton.Config({inner: block}, num_warps=warps, num_stages=stages)
+               for block in (32, 64) for warps in (4, 8) for stages in (1, 2, 3)]
+    # every kernel overwrites its outputs, so re-running it while tuning is harmless
+    return triton.autotune(configs, key=["HEAD_DIM", "HAS_DROPOUT"])(kernel)
+
+
+def _launch(name, grid, args, constants, device):
+    """Autotuned on CUDA; a fixed inner block and no tuning under the interpreter."""
+    if device.type == "cuda" and not INTERPRETED:
+        _tuned(name)[grid](*args, **constants)
+    else:
+        kernel, inner = _KERNELS[name]
+        kernel[grid](*args, **constants, **{inner: INTERPRETER_BLOCK})
+
+
+# ------------------------------------------------------------------------------------------------
+# schedule
+# ------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=256)
+def schedule(layout: QueryLayout, tile: int, transpose: bool, device: torch.device):
+    """(tiles int32 (T, 4), ranges int32 (R, 2)) for the kernels, cached per layout.
+
+    transpose=False: tiles of query rows and the key ranges they see (forward, dQ);
+    transpose=True: tiles of keys and the query ranges that see them (dK, dV).
+    """
+    per_segment = layout.visible_query_ranges() if transpose else layout.visible_key_ranges()
+    tiles, ranges, range_index = [], [], {}
+    for (start, end), seg_ranges in zip(layout.segments, per_segment):
+        if seg_ranges not in range_index:  # segments with the same ranges share entries
+            range_index[seg_ranges] = len(ranges)
+            ranges.extend(seg_ranges)
+        first = range_index[seg_ranges]
+        for tile_start in range(start, end, tile):
+            tiles.append((tile_start, min(tile_start + tile, end), first, first + len(seg_ranges)))
+    return (torch.tensor(tiles, dtype=torch.int32, device=device),
+            torch.tensor(ranges, dtype=torch.int32, device=device))
+
+
+# ------------------------------------------------------------------------------------------------
+# launchers
+# ------------------------------------------------------------------------------------------------
+def check_kernel_inputs(q: Tensor, k: Tensor, v: Tensor, layout: QueryLayout,
+                        dropout_p: float = 0.0, scale: Optional[float] = None) -> None:
+    """The checks of grouped_attention, plus what the kernels themselves support."""
+    check_attention_inputs(q, k, v, layout, dropout_p, scale)
+    check_kernel_support(q)
+    if q.device.type != "cuda" and not INTERPRETED:
+        raise ValueError(
+            f"the Triton kernel needs CUDA tensors, got {q.device} (set TRITON_INTERPRET=1 "
+            "before importing triton to run it on CPU tensors)")
+
+
+def _check_output(name: str, t: Tensor, shape, dtype, device) -> None:
+    """A caller-given output buffer must match exactly: the kernels write through its strides
+    (lse and the gradients' last dimension must be dense)."""
+    if t.shape != shape or t.dtype != dtype or t.device != device or t.stride(-1) != 1:
+        raise ValueError(
+            f"{name} must be a {dtype} tensor of shape {tuple(shape)} on {device} with a unit "
+            f"last stride, got {t.dtype} {tuple(t.shape)} on {t.device} strides {t.stride()}")
+    if name == "lse" and not t.is_contiguous():
+        raise ValueError("lse must be contiguous: the kernels index it as (B*H, L)")
+
+
+def _strides(t: Tensor):
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _dense_last_dim(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _precision(dtype):
+    # float32 inputs are computed in full precision (no TF32), like the reference
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor, layout: QueryLayout, scale: Optional[float] = None,
+            dropout_p: float = 0.0, seed: int = 0, out: Optional[Tensor] = None,
+            lse: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """q, k, v `(B, H, L, D)` -> out `(B, H, L, D)` (q's dtype), lse `(B, H, L)` float32, the
+    natural-log log-sum-exp of each row's scaled, visible scores (what `backward` needs).
+
+    `out` (any strides with a unit last dimension) and `lse` (contiguous) may be given: tests pass
+    views into sentinel-filled buffers to catch stray writes.
+    """
+    check_kernel_inputs(q, k, v, layout, dropout_p, scale)
+    batch, heads, length, head_dim = q.shape
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    q, k, v = (_dense_last_dim(t) for t in (q, k, v))
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    _check_output("out", out, q.shape, q.dtype, q.device)
+    if lse is None:
+        lse = torch.empty((batch, heads, length), dtype=torch.float32, device=q.device)
+    _check_output("lse", lse, q.shape[:3], torch.float32, q.device)
+    tiles, ranges = schedule(layout, TILE, False, q.device)
+    args = (q, k, v, out, lse, tiles, ranges, *_strides(q), *_strides(k), *_strides(v),
+            *_strides(out), heads, length, scale * LOG2E, float(dropout_p), int(seed))
+    constants = dict(HEAD_DIM=head_dim, TILE_M=TILE, HAS_DROPOUT=dropout_p > 0.0,
+                     DOT_FP32=INTERPRETED, PRECISION=_precision(q.dtype))
+    _launch("fwd", (tiles.shape[0], batch * heads), args, constants, q.device)
+    return out, lse
+
+
+def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+             layout: QueryLayout, scale: Optional[float] = None, dropout_p: float = 0.0,
+             seed: int = 0, grad_q: Optional[Tensor] = None, grad_k: Optional[Tensor] = None,
+             grad_v: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """Gradients of `forward` (same layout, scale, dropout_p and seed): dQ, dK, dV, each
+    `(B, H, L, D)` in q's dtype. grad_out and out `(B, H, L, D)`, lse `(B, H, L)` from `forward`.
+    `grad_q` / `grad_k` / `grad_v` may be given, as `out` in `forward`."""
+    check_kernel_inputs(q, k, v, layout, dropout_p, scale)
+    for name, t, shape in (("grad_out", grad_out, q.shape), ("out", out, q.shape),
+                           ("lse", lse, q.shape[:3])):
+        if t.shape != shape or t.device != q.device:
+            raise ValueError(f"{name} must have shape {tuple(shape)} on {q.device}, got "
+                             f"{tuple(t.shape)} on {t.device}")
+    if grad_out.dtype != q.dtype or out.dtype != q.dtype:
+        raise TypeError(f"grad_out and out must have q's dtype {q.dtype}, got {grad_out.dtype} "
+                        f"and {out.dtype}")
+    batch, heads, length, head_dim = q.shape
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    q, k, v, out, grad_out = (_dense_last_dim(t) for t in (q, k, v, out, grad_out))
+    lse = lse.float().contiguous()
+    grads = []
+    for name, given, like in (("grad_q", grad_q, q), ("grad_k", grad_k, k), ("grad_v", grad_v, v)):
+        if given is None:
+            given = torch.empty_like(like, memory_format=torch.contiguous_format)
+        _check_output(name, given, q.shape, q.dtype, q.device)
+        grads.append(given)
+    grad_q, grad_k, grad_v = grads
+
+    delta = torch.empty((batch, heads, length), dtype=torch.float32, device=q.device)
+    _bwd_preprocess[(triton.cdiv(length, TILE), batch * heads)](
+        out, grad_out, delta, *_strides(out), *_strides(grad_out), heads, length,
+        HEAD_DIM=head_dim, BLOCK_M=TILE)
+
+    common = dict(HEAD_DIM=head_dim, HAS_DROPOUT=dropout_p > 0.0, DOT_FP32=INTERPRETED,
+                  PRECISION=_precision(q.dtype))
+    options = (heads, length, scale, scale * LOG2E, float(dropout_p), int(seed))
+    tiles, ranges = schedule(layout, TILE, True, q.device)
+    _launch("dkdv", (tiles.shape[0], batch * heads),
+            (q, k, v, grad_out, lse, delta, grad_k, grad_v, tiles, ranges,
+             *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out),
+             *_strides(grad_k), *_strides(grad_v), *options),
+            dict(common, TILE_N=TILE), q.device)
+    tiles, ranges = schedule(layout, TILE, False, q.device)
+    _launch("dq", (tiles.shape[0], batch * heads),
+            (q, k, v, grad_out, lse, delta, grad_q, tiles, ranges,
+             *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(grad_q),
+             *options),
+            dict(common, TILE_M=TILE), q.device)
+    return grad_q, grad_k, grad_v
+
+
+def dropout_keep_mask(batch: int, heads: int, length: int, dropout_p: float, seed: int,
+                      device) -> Tensor:
+    """bool `(B, H, L, L)`: the keep-mask the kernels apply for this seed (for tests)."""
+    keep = torch.empty((batch, heads, length, length), dtype=torch.int8, device=device)
+    block = 32
+    grid = (triton.cdiv(length, block), triton.cdiv(length, block), batch * heads)
+    _dropout_mask_kernel[grid](keep, heads, length, float(dropout_p), int(seed), BLOCK=block)
+    return keep.bool()
+
+
+class GroupedAttention(torch.autograd.Function):
+    """Thin autograd wrapper around `forward` / `backward` (eager use and tests; the custom op
+    `torch.ops.group_detr.grouped_attention_fwd` is the path for torch.compile)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, layout, scale, dropout_p, seed):
+        out, lse = forward(q, k, v, layout, scale=scale, dropout_p=dropout_p, seed=seed)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.layout, ctx.scale, ctx.dropout_p, ctx.seed = layout, scale, dropout_p, seed
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        grads = backward(grad_out, q, k, v, out, lse, ctx.layout, scale=ctx.scale,
+                         dropout_p=ctx.dropout_p, seed=ctx.seed)
+        return (*grads, None, None, None, None)
+
+
+def grouped_attention(q: Tensor, k: Tensor, v: Tensor, layout: QueryLayout,
+                      dropout_p: float = 0.0, scale: Optional[float] = None,
+                      seed: Optional[int] = None) -> Tensor:
+    """The Triton kernels with autograd; `seed=None` draws one from torch's CPU generator."""
+    if seed is None:
+        seed = int(torch.randint(0, 2 ** 62, ())) if dropout_p > 0.0 else 0
+    return GroupedAttention.apply(q, k, v, layout, scale, dropout_p, seed)
