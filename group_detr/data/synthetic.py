@@ -91,8 +91,8 @@ def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray
     return image
 
 
-def _render_image(rng: np.random.Generator, width: int, height: int, max_objects: int
-                  ) -> Tuple[np.ndarray, List[Dict]]:
+def _render_image(rng: np.random.Generator, width: int, height: int, max_objects: int,
+                  min_object_size: float) -> Tuple[np.ndarray, List[Dict]]:
     """One image `(height, width, 3)` uint8 and its annotations (label, xywh box, visible area)."""
     image = _background(rng, width, height)
     num_objects = 0 if rng.random() < EMPTY_IMAGE_PROBABILITY else int(rng.integers(1, max_objects + 1))
@@ -103,8 +103,8 @@ def _render_image(rng: np.random.Generator, width: int, height: int, max_objects
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     for index in range(num_objects):
         label = int(rng.integers(len(CLASS_NAMES)))
-        # Log-uniform sizes: as many small objects as large ones, from 8 px to 0.8 of the image.
-        size = float(np.exp(rng.uniform(math.log(8), math.log(0.8 * short_side))))
+        # Log-uniform sizes: as many small objects as large ones, up to 0.8 of the image.
+        size = float(np.exp(rng.uniform(math.log(min_object_size), math.log(0.8 * short_side))))
         cx = float(rng.uniform(0.1 * width, 0.9 * width))
         cy = float(rng.uniform(0.1 * height, 0.9 * height))
         mask = _shape_mask(CLASS_NAMES[label], width, height, cx, cy, size, float(rng.uniform(0, 2 * math.pi)))
@@ -137,7 +137,7 @@ def _atomic_write_json(data: Dict, path: str) -> None:
 
 
 def write_split(out_dir: str, split: str, num_images: int, image_size: int = 160,
-                max_objects: int = 6, seed: int = 0) -> str:
+                max_objects: int = 6, seed: int = 0, min_object_size: int = 8) -> str:
     """Write `out_dir/{split}/*.jpg` and `out_dir/annotations/instances_{split}.json`.
 
     Returns the annotation file path. The json is written last and atomically, so its presence
@@ -149,6 +149,8 @@ def write_split(out_dir: str, split: str, num_images: int, image_size: int = 160
         raise ValueError(f"image_size must be >= 32 pixels, got {image_size}")
     if max_objects < 1:
         raise ValueError(f"max_objects must be >= 1, got {max_objects}")
+    if not 4 <= min_object_size <= 0.8 * image_size:
+        raise ValueError(f"min_object_size must be in [4, 0.8 * image_size], got {min_object_size}")
     image_dir = os.path.join(out_dir, split)
     ann_dir = os.path.join(out_dir, "annotations")
     os.makedirs(image_dir, exist_ok=True)
@@ -159,7 +161,7 @@ def write_split(out_dir: str, split: str, num_images: int, image_size: int = 160
         # Mild aspect-ratio variation exercises padding masks in the collate.
         height = image_size
         width = int(round(image_size * float(rng.choice([1.0, 1.0, 0.75, 1.25]))))
-        pixels, objects = _render_image(rng, width, height, max_objects)
+        pixels, objects = _render_image(rng, width, height, max_objects, min_object_size)
         file_name = f"{image_id:06d}.jpg"
         Image.fromarray(pixels).save(os.path.join(image_dir, file_name), quality=92)
         images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
@@ -179,11 +181,12 @@ def write_split(out_dir: str, split: str, num_images: int, image_size: int = 160
 
 
 def write_synthetic_dataset(out_dir: str, num_train: int = 1500, num_val: int = 200,
-                            image_size: int = 160, max_objects: int = 6, seed: int = 0) -> Dict[str, str]:
+                            image_size: int = 160, max_objects: int = 6, seed: int = 0,
+                            min_object_size: int = 8) -> Dict[str, str]:
     """Write the train and val splits; returns {split: annotation file path}."""
     return {
-        "train": write_split(out_dir, "train", num_train, image_size, max_objects, seed),
-        "val": write_split(out_dir, "val", num_val, image_size, max_objects, seed),
+        "train": write_split(out_dir, "train", num_train, image_size, max_objects, seed, min_object_size),
+        "val": write_split(out_dir, "val", num_val, image_size, max_objects, seed, min_object_size),
     }
 
 

@@ -5,7 +5,7 @@ to each group through a `QueryLayout`); `eval()` runs the first N queries with o
 self-attention, so the exported model is a plain Conditional DETR and no group code runs.
 """
 import math
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
 from torch import Tensor, nn
@@ -13,11 +13,6 @@ from torch import Tensor, nn
 from group_detr.layout import QueryLayout
 from group_detr.models.backbone import Joiner, build_backbone
 from group_detr.models.transformer import MLP, Transformer
-
-
-def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
-    x = x.clamp(min=0, max=1)
-    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 
 
 class GroupDETR(nn.Module):

@@ -1,0 +1,231 @@
+"""Training, evaluation, checkpoints and the command line (group_detr.engine, group_detr.__main__)."""
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+
+import group_detr.engine as engine
+from group_detr.__main__ import build_parser, main
+from group_detr.data import write_synthetic_dataset
+from group_detr.engine import (CHECKPOINT_FORMAT, TrainConfig, build_model, build_optimizer, demo_config,
+                               evaluate_checkpoint, load_checkpoint, save_checkpoint, train)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tensors here are tiny: extra intra-op threads only add synchronisation, and they slow
+    the tests down badly when other processes share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_config(data_dir, output_dir, **overrides):
+    """A model and data small enough that two epochs take a second or two."""
+    config = TrainConfig(
+        data_dir=data_dir, train_split="train", val_split="val", train_scales=(48, 64), max_size=96,
+        crop_resize=(48, 56), crop_size=(32, 48), eval_size=64, backbone="small", small_widths=(8, 16, 16, 32),
+        hidden_dim=32, nheads=4, enc_layers=1, dec_layers=2, dim_feedforward=64, dropout=0.0, num_queries=5,
+        num_groups=3, lr=1e-3, lr_backbone=1e-3, epochs=2, batch_size=4, output_dir=output_dir, num_workers=0,
+        print_freq=1, num_vis_images=2)
+    return dataclasses.replace(config, **overrides)
+
+
+@pytest.fixture(scope="module")
+def synth_dir(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("synth"))
+    write_synthetic_dataset(out, num_train=8, num_val=4, image_size=64, seed=1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(synth_dir, tmp_path_factory):
+    """One finished tiny run, shared by the tests that only read its outputs."""
+    config = tiny_config(synth_dir, str(tmp_path_factory.mktemp("run")))
+    lines = []
+    result = train(config, log=lines.append)
+    return config, result, lines
+
+
+def test_train_then_evaluate_end_to_end(trained, capsys):
+    config, result, lines = trained
+    assert set(result["stats"]) == set(engine.COCO_STAT_NAMES)
+    assert 0.0 <= result["stats"]["AP"] <= 1.0
+    assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]" in result["table"]
+    assert any("predictions on 2 validation images" in line for line in lines)
+    assert os.path.getsize(result["png"]) > 0
+    with open(result["log"]) as f:
+        records = [json.loads(line) for line in f]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert all(r["train_loss"] > 0 for r in records) and "val_AP" in records[-1]
+    # evaluating the saved checkpoint reproduces the final numbers
+    evaluated = evaluate_checkpoint(result["checkpoint"], num_workers=0, log=lambda _: None)
+    assert evaluated["stats"]["AP"] == pytest.approx(result["stats"]["AP"], abs=1e-6)
+
+
+def test_progress_lines_show_a_bar(trained, synth_dir, tmp_path, capsys):
+    train(tiny_config(synth_dir, str(tmp_path), epochs=1), log=lambda _: None)
+    out = capsys.readouterr().out
+    assert "epoch 1/1 |##########..........| 1/2  loss" in out and "it/s" in out
+
+
+def test_checkpoint_loads_with_weights_only(trained):
+    _, result, _ = trained
+    checkpoint = torch.load(result["checkpoint"], map_location="cpu", weights_only=True)
+    assert checkpoint["format"] == CHECKPOINT_FORMAT and checkpoint["epoch"] == 2
+    assert checkpoint["num_classes"] == 5 and checkpoint["config"]["num_groups"] == 3
+
+
+def test_resume_continues_after_the_saved_epoch(trained, tmp_path):
+    config, result, _ = trained
+    run_dir = tmp_path / "resumed"
+    run_dir.mkdir()
+    checkpoint = load_checkpoint(result["checkpoint"])
+    save_checkpoint(checkpoint, str(run_dir / "checkpoint.pth"))
+    lines = []
+    train(dataclasses.replace(config, output_dir=str(run_dir), epochs=3, resume=True), log=lines.append)
+    assert "resumed from" in lines[0] and "after epoch 2" in lines[0]
+    assert load_checkpoint(str(run_dir / "checkpoint.pth"))["epoch"] == 3
+    with open(run_dir / "log.jsonl") as f:
+        assert [json.loads(line)["epoch"] for line in f] == [3]
+
+
+def test_checkpoint_from_another_configuration(trained, tmp_path):
+    config, result, _ = trained
+    run_dir = tmp_path / "other"
+    run_dir.mkdir()
+    save_checkpoint(load_checkpoint(result["checkpoint"]), str(run_dir / "checkpoint.pth"))
+    other = dataclasses.replace(config, output_dir=str(run_dir), num_groups=5, hidden_dim=64, resume=True)
+    with pytest.raises(ValueError, match=r"another model configuration: hidden_dim: checkpoint 32, this run 64; "
+                                         r"num_groups: checkpoint 3, this run 5"):
+        train(other, log=lambda _: None)
+
+
+def test_checkpoint_for_another_number_of_classes(trained, tmp_path):
+    _, result, _ = trained
+    write_synthetic_dataset(str(tmp_path), num_train=1, num_val=1, image_size=48)
+    annotation = tmp_path / "annotations" / "instances_val.json"
+    data = json.loads(annotation.read_text())
+    data["categories"] = data["categories"][:3]
+    data["annotations"] = [a for a in data["annotations"] if a["category_id"] <= 3]
+    annotation.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="num_classes: checkpoint 5, this run 3"):
+        evaluate_checkpoint(result["checkpoint"], data_dir=str(tmp_path), log=lambda _: None)
+
+
+def test_bad_checkpoint_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        load_checkpoint(str(tmp_path / "none.pth"))
+    (tmp_path / "truncated.pth").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(ValueError, match=r"cannot read checkpoint .*truncated.pth \(corrupt"):
+        load_checkpoint(str(tmp_path / "truncated.pth"))
+    torch.save({"model": {}}, tmp_path / "foreign.pth")
+    with pytest.raises(ValueError, match="is not a group-detr checkpoint"):
+        load_checkpoint(str(tmp_path / "foreign.pth"))
+
+
+def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "checkpoint.pth")
+    save_checkpoint({"format": CHECKPOINT_FORMAT, "epoch": 1}, path)
+
+    def crashing_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt  # e.g. Ctrl-C or a kill in the middle of the write
+
+    monkeypatch.setattr(engine.torch, "save", crashing_save)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"format": CHECKPOINT_FORMAT, "epoch": 2}, path)
+    assert os.listdir(tmp_path) == ["checkpoint.pth"]  # no temporary file left behind
+    assert load_checkpoint(path)["epoch"] == 1
+
+
+def test_a_crash_mid_training_leaves_the_last_good_checkpoint(synth_dir, tmp_path, monkeypatch):
+    config = tiny_config(synth_dir, str(tmp_path), epochs=3)
+    original = engine.train_one_epoch
+
+    def crash_in_second_epoch(*args, **kwargs):
+        if args[6] == 1:  # epoch index
+            raise RuntimeError("simulated crash")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "train_one_epoch", crash_in_second_epoch)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(config, log=lambda _: None)
+    assert load_checkpoint(str(tmp_path / "checkpoint.pth"))["epoch"] == 1
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pth", "log.jsonl"]
+
+
+def test_optimizer_and_schedule_follow_the_paper():
+    config = TrainConfig(backbone="small", hidden_dim=32, nheads=4, enc_layers=1, dec_layers=1,
+                         dim_feedforward=32, num_queries=2, num_groups=2)
+    model = build_model(config, 3)
+    optimizer = build_optimizer(model, config)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    rest, backbone = optimizer.param_groups
+    assert (rest["lr"], backbone["lr"]) == (1e-4, 1e-5)
+    assert rest["weight_decay"] == backbone["weight_decay"] == 1e-4
+    backbone_ids = {id(p) for p in model.backbone.parameters()}
+    assert all(id(p) in backbone_ids for p in backbone["params"])
+    assert not any(id(p) in backbone_ids for p in rest["params"])
+    assert config.lr_drop_fraction == 11 / 12 and config.clip_max_norm == 0.1
+
+
+def test_lr_drops_at_eleven_twelfths(synth_dir, tmp_path, monkeypatch):
+    # 8 images / batch 4 = 2 steps per epoch, 12 epochs: the drop comes after step 22
+    config = tiny_config(synth_dir, str(tmp_path), epochs=12, eval_every=100, max_val_images=1)
+    lrs = []
+    original = engine.train_one_epoch
+
+    def record(model, criterion, loader, optimizer, *args):
+        result = original(model, criterion, loader, optimizer, *args)
+        lrs.append(optimizer.param_groups[0]["lr"])
+        return result
+
+    monkeypatch.setattr(engine, "train_one_epoch", record)
+    train(config, log=lambda _: None)
+    assert lrs[:10] == [1e-3] * 10 and lrs[10] == pytest.approx(1e-4) and lrs[11] == pytest.approx(1e-4)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="config.num_groups must be a positive int, got 0"):
+        TrainConfig(num_groups=0).validate()
+    with pytest.raises(ValueError, match="config.backbone must be 'small' or 'resnet50'"):
+        TrainConfig(backbone="vgg").validate()
+    demo_config().validate()
+
+
+def test_missing_dataset_gives_a_clear_error(tmp_path):
+    config = tiny_config(str(tmp_path / "nowhere"), str(tmp_path / "run"))
+    with pytest.raises(FileNotFoundError, match="annotation file not found: .*instances_train.json"):
+        train(config, log=lambda _: None)
+
+
+def test_cli_demo_trains_and_prints_the_ap_table(tmp_path, capsys):
+    data_dir, out_dir = tmp_path / "data", tmp_path / "demo"
+    argv = ["demo", "--data-dir", str(data_dir), "--output-dir", str(out_dir), "--num-train-images", "4",
+            "--num-val-images", "2", "--epochs", "1", "--batch-size", "2", "--num-workers", "0",
+            "--small-widths", "8", "16", "16", "32", "--hidden-dim", "32", "--nheads", "4", "--enc-layers", "1",
+            "--dec-layers", "1", "--dim-feedforward", "32", "--num-queries", "4", "--num-groups", "2",
+            "--train-scales", "48", "--max-size", "64", "--crop-resize", "48", "--crop-size", "32", "48",
+            "--eval-size", "48"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "writing the synthetic dataset" in out
+    assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]" in out
+    assert f"predictions drawn in {out_dir}/predictions.png" in out
+    # a second run finds the data and the finished checkpoint: it only evaluates again
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "writing the synthetic dataset" not in out and "resumed from" in out
+
+
+def test_cli_parses_every_config_field():
+    args = build_parser().parse_args(["train", "--num-groups", "5", "--train-scales", "100", "200",
+                                      "--max-train-images", "7", "--no-resume"])
+    assert args.num_groups == 5 and args.train_scales == [100, 200] and args.max_train_images == 7
+    assert args.resume is False and args.backbone == "resnet50"
+    demo = build_parser().parse_args(["demo"])
+    assert demo.backbone == "small" and demo.resume is True
