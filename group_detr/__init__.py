@@ -4,6 +4,7 @@ from group_detr.assignment import linear_sum_assignment, scipy_compatible
 from group_detr.attention import GroupedSelfAttention, folded_attention, grouped_attention, masked_attention
 from group_detr.layout import QueryLayout
 from group_detr.matcher import GroupMatcher
+from group_detr.models import GroupDETR, PostProcess, SetCriterion, build_group_detr
 
 __all__ = [
     "backends",
@@ -15,5 +16,9 @@ __all__ = [
     "masked_attention",
     "folded_attention",
     "GroupedSelfAttention",
+    "GroupDETR",
+    "build_group_detr",
+    "SetCriterion",
+    "PostProcess",
 ]
 __version__ = "0.1.0"
