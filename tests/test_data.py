@@ -15,14 +15,7 @@ from group_detr.data.transforms import crop, hflip, resize
 SMALL_TRANSFORMS = dict(scales=(48, 64), max_size=96, crop_resize=(48, 56), crop_size=(32, 48))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tensors here are tiny: extra intra-op threads only add synchronisation, and they slow
-    the tests down badly when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,7 @@ from group_detr.engine import (CHECKPOINT_FORMAT, TrainConfig, build_model, buil
                                evaluate_checkpoint, load_checkpoint, save_checkpoint, train)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tensors here are tiny: extra intra-op threads only add synchronisation, and they slow
-    the tests down badly when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(data_dir, output_dir, **overrides):

@@ -11,14 +11,7 @@ from group_detr.models.backbone import FrozenBatchNorm2d
 NUM_CLASSES = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tensors here are tiny: extra intra-op threads only add synchronisation, and they slow
-    the tests down badly when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(num_groups=3, num_queries=5, dec_layers=2, seed=0):
