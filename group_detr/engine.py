@@ -116,22 +116,32 @@ DEMO_SYNTHETIC = {"num_train": 1500, "num_val": 200, "image_size": 128, "max_obj
 
 
 def demo_config(**overrides) -> TrainConfig:
-    """The synthetic-data preset behind `python -m group_detr demo` (about 8.5 min on 2 CPU cores).
+    """The synthetic-data preset behind `python -m group_detr demo` (about 8 min on 2 CPU cores).
 
     Deviations from the paper, and why: a small from-scratch CNN instead of ResNet-50 (no
-    pretrained weights and no GPU), so the backbone trains at the same lr as the rest; 128-px
-    images and a 128-d transformer with 2+3 layers; N=10 queries per group because the images
-    hold at most 6 objects; one intra-op thread, because the data-loader worker takes the other
-    core and oversubscribed OpenMP threads make CPU training several times slower. K=11 groups,
-    the focal/L1/GIoU weights, AdamW, weight decay, the lr drop at 11/12 of the schedule and
-    gradient clipping are the paper's.
+    pretrained weights and no GPU); 128-px images and a 128-d transformer with 3 decoder layers;
+    N=10 queries per group because the images hold at most 6 objects; one intra-op thread,
+    because the data-loader worker takes the other core and oversubscribed OpenMP threads make
+    CPU training several times slower.
+
+    No encoder layers (enc_layers=0): with a from-scratch backbone, a randomly initialised
+    encoder's nearly uniform self-attention mixes every memory token with the image's global
+    average, so the values the decoder's cross-attention reads carry image-level statistics
+    (background colour) rather than local object evidence, and the gradient that reaches the
+    backbone is just as diffuse. The model then predicts one fixed box per query (the mean-box
+    plateau) for ~1000 steps. Without the encoder it starts localising after ~300 steps (measured:
+    AP50 0.062 after 9 epochs, 7.5 min, against 0.019 with 2 encoder layers). The transformer runs at
+    lr 5e-4 (the spatial-attention projections must grow ~10x from their Xavier init, at most
+    ~lr per Adam step), the backbone at 2e-4 (1e-3 makes the from-scratch CNN collapse).
+    K=11 groups, the focal/L1/GIoU weights, AdamW, weight decay, the lr drop at 11/12 of the
+    schedule and gradient clipping are the paper's.
     """
     config = TrainConfig(
         data_dir="data/synthetic", train_split="train", val_split="val",
         train_scales=(96, 112, 128), max_size=160, crop_resize=(96, 112, 128), crop_size=(64, 112),
         eval_size=128, backbone="small", small_widths=(16, 32, 64, 128), hidden_dim=128, nheads=8,
-        enc_layers=2, dec_layers=3, dim_feedforward=512, dropout=0.0, num_queries=10, num_groups=11,
-        lr=2e-4, lr_backbone=2e-4, epochs=9, batch_size=8, clip_max_norm=0.1,
+        enc_layers=0, dec_layers=3, dim_feedforward=512, dropout=0.0, num_queries=10, num_groups=11,
+        lr=5e-4, lr_backbone=2e-4, epochs=9, batch_size=8, clip_max_norm=0.1,
         output_dir="runs/demo", num_workers=1, num_threads=1, eval_every=100, print_freq=25,
     )
     return dataclasses.replace(config, **overrides)

@@ -71,13 +71,16 @@ def _shape_mask(kind: str, width: int, height: int, cx: float, cy: float, size: 
     return np.asarray(canvas) > 127
 
 
-def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
-    """A float `(height, width, 3)` textured background in [0, 255]: gradient + stripes + noise."""
+def _background(rng: np.random.Generator, width: int, height: int, clutter: float = 1.0) -> np.ndarray:
+    """A float `(height, width, 3)` textured background in [0, 255]: gradient + stripes + noise.
+
+    `clutter` scales the gradient, texture and noise amplitudes (1 = the original mix, 0 = flat);
+    the random draws are the same for every value, so only the pixels change."""
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     base = rng.uniform(40, 215, size=3)
     direction = rng.uniform(0, 2 * math.pi)
     gradient = (np.cos(direction) * xx + np.sin(direction) * yy) / max(width, height)
-    image = base + rng.uniform(-50, 50, size=3) * gradient[..., None]
+    image = base + clutter * rng.uniform(-50, 50, size=3) * gradient[..., None]
     # Stripes or a checkerboard at low contrast, so that edges alone do not give objects away.
     period = rng.uniform(6, 30)
     theta = rng.uniform(0, math.pi)
@@ -86,15 +89,21 @@ def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray
         texture = np.sin(phase)
     else:
         texture = np.sign(np.sin(xx * 2 * math.pi / period)) * np.sign(np.sin(yy * 2 * math.pi / period))
-    image += rng.uniform(5, 25) * texture[..., None] * rng.uniform(0.5, 1.0, size=3)
-    image += rng.normal(0, rng.uniform(2, 10), size=image.shape)
+    image += clutter * rng.uniform(5, 25) * texture[..., None] * rng.uniform(0.5, 1.0, size=3)
+    image += clutter * rng.normal(0, rng.uniform(2, 10), size=image.shape)
     return image
 
 
 def _render_image(rng: np.random.Generator, width: int, height: int, max_objects: int,
-                  min_object_size: float) -> Tuple[np.ndarray, List[Dict]]:
-    """One image `(height, width, 3)` uint8 and its annotations (label, xywh box, visible area)."""
-    image = _background(rng, width, height)
+                  min_object_size: float, clutter: float = 1.0, min_contrast: float = 0.0
+                  ) -> Tuple[np.ndarray, List[Dict]]:
+    """One image `(height, width, 3)` uint8 and its annotations (label, xywh box, visible area).
+
+    min_contrast: an object's colour differs from the background's mean colour by at least this
+    much (max over channels, 0-255); 0 draws colours freely (some shapes are then nearly invisible).
+    """
+    image = _background(rng, width, height, clutter)
+    background_mean = image.reshape(-1, 3).mean(axis=0)
     num_objects = 0 if rng.random() < EMPTY_IMAGE_PROBABILITY else int(rng.integers(1, max_objects + 1))
     owner = np.full((height, width), -1, dtype=np.int64)  # index of the shape visible at a pixel
     full_area = []
@@ -111,6 +120,10 @@ def _render_image(rng: np.random.Generator, width: int, height: int, max_objects
         if not mask.any():
             continue
         colour = rng.uniform(0, 255, size=3)
+        for _ in range(20):
+            if min_contrast <= 0 or np.abs(colour - background_mean).max() >= min_contrast:
+                break
+            colour = rng.uniform(0, 255, size=3)
         # Shapes are shaded rather than flat so the class has to come from the outline.
         shade = 1.0 + 0.25 * np.sin((xx + yy) * 2 * math.pi / rng.uniform(8, 40))
         image[mask] = np.clip(colour[None, :] * shade[mask][:, None], 0, 255)
@@ -137,7 +150,8 @@ def _atomic_write_json(data: Dict, path: str) -> None:
 
 
 def write_split(out_dir: str, split: str, num_images: int, image_size: int = 160,
-                max_objects: int = 6, seed: int = 0, min_object_size: int = 8) -> str:
+                max_objects: int = 6, seed: int = 0, min_object_size: int = 8, clutter: float = 1.0,
+                min_contrast: float = 0.0) -> str:
     """Write `out_dir/{split}/*.jpg` and `out_dir/annotations/instances_{split}.json`.
 
     Returns the annotation file path. The json is written last and atomically, so its presence
@@ -161,7 +175,7 @@ def write_split(out_dir: str, split: str, num_images: int, image_size: int = 160
         # Mild aspect-ratio variation exercises padding masks in the collate.
         height = image_size
         width = int(round(image_size * float(rng.choice([1.0, 1.0, 0.75, 1.25]))))
-        pixels, objects = _render_image(rng, width, height, max_objects, min_object_size)
+        pixels, objects = _render_image(rng, width, height, max_objects, min_object_size, clutter, min_contrast)
         file_name = f"{image_id:06d}.jpg"
         Image.fromarray(pixels).save(os.path.join(image_dir, file_name), quality=92)
         images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
@@ -182,11 +196,16 @@ def write_split(out_dir: str, split: str, num_images: int, image_size: int = 160
 
 def write_synthetic_dataset(out_dir: str, num_train: int = 1500, num_val: int = 200,
                             image_size: int = 160, max_objects: int = 6, seed: int = 0,
-                            min_object_size: int = 8) -> Dict[str, str]:
-    """Write the train and val splits; returns {split: annotation file path}."""
+                            min_object_size: int = 8, clutter: float = 1.0,
+                            min_contrast: float = 0.0) -> Dict[str, str]:
+    """Write the train and val splits; returns {split: annotation file path}.
+
+    clutter scales the background texture/gradient/noise, min_contrast is the least colour
+    difference between an object and the background mean (see `_render_image`)."""
+    extra = dict(min_object_size=min_object_size, clutter=clutter, min_contrast=min_contrast)
     return {
-        "train": write_split(out_dir, "train", num_train, image_size, max_objects, seed, min_object_size),
-        "val": write_split(out_dir, "val", num_val, image_size, max_objects, seed, min_object_size),
+        "train": write_split(out_dir, "train", num_train, image_size, max_objects, seed, **extra),
+        "val": write_split(out_dir, "val", num_val, image_size, max_objects, seed, **extra),
     }
 
 
