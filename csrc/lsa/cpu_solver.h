@@ -209,24 +209,56 @@ __attribute__((target("avx2"))) inline Status avx2_prepare_float(const float* co
   __m256 bad8 = _mm256_setzero_ps();
   float low = inf;
   bool bad = false;
-  for (int64_t r = 0; r < nr; ++r) {
-    const float* src = cost + r * row_stride;
-    double* dst = shifted + r * nc;
-    int64_t c = 0;
-    for (; c + 8 <= nc; c += 8) {
-      const __m256 x = col_stride == 1 ? _mm256_loadu_ps(src + c)
-                                       : _mm256_i32gather_ps(src + c * col_stride, offsets, 4);
-      bad8 = _mm256_or_ps(bad8, _mm256_or_ps(_mm256_cmp_ps(x, x, _CMP_UNORD_Q),
-                                             _mm256_cmp_ps(x, neg_inf8, _CMP_EQ_OQ)));
-      low8 = _mm256_min_ps(x, low8);  // a NaN x returns low8: the minimum stays clean
-      _mm256_storeu_pd(dst + c, _mm256_cvtps_pd(_mm256_castps256_ps128(x)));
-      _mm256_storeu_pd(dst + c + 4, _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)));
+  if (col_stride != 1 && row_stride == 1) {
+    // The transposed layout (targets as rows of a (Q, T) cost): walk the source in memory
+    // order and scatter into the rows, which beats one gather per 8 entries on CPUs whose
+    // gathers are slow; the checks then run over the contiguous copy.
+    for (int64_t c = 0; c < nc; ++c) {
+      const float* src = cost + c * col_stride;
+      double* dst = shifted + c;
+      for (int64_t r = 0; r < nr; ++r) dst[r * nc] = src[r];
     }
-    for (; c < nc; ++c) {
-      const float x = src[c * col_stride];
-      bad |= (x != x) || x == -inf;
-      low = x < low ? x : low;
-      dst[c] = x;
+    const int64_t size = nr * nc;
+    const __m256d neg_inf4 = _mm256_set1_pd(-static_cast<double>(inf));
+    __m256d low4 = _mm256_set1_pd(static_cast<double>(inf));
+    __m256d bad4 = _mm256_setzero_pd();
+    int64_t k = 0;
+    for (; k + 4 <= size; k += 4) {
+      const __m256d x = _mm256_loadu_pd(shifted + k);
+      bad4 = _mm256_or_pd(bad4, _mm256_or_pd(_mm256_cmp_pd(x, x, _CMP_UNORD_Q),
+                                             _mm256_cmp_pd(x, neg_inf4, _CMP_EQ_OQ)));
+      low4 = _mm256_min_pd(x, low4);
+    }
+    double lanes4[4];
+    _mm256_storeu_pd(lanes4, low4);
+    double low_d = std::min(std::min(lanes4[0], lanes4[1]), std::min(lanes4[2], lanes4[3]));
+    bad = _mm256_movemask_pd(bad4) != 0;
+    for (; k < size; ++k) {
+      const double x = shifted[k];
+      bad |= (x != x) || x == -static_cast<double>(inf);
+      low_d = x < low_d ? x : low_d;
+    }
+    low = static_cast<float>(low_d);  // exact: every entry is a widened float
+  } else {
+    for (int64_t r = 0; r < nr; ++r) {
+      const float* src = cost + r * row_stride;
+      double* dst = shifted + r * nc;
+      int64_t c = 0;
+      for (; c + 8 <= nc; c += 8) {
+        const __m256 x = col_stride == 1 ? _mm256_loadu_ps(src + c)
+                                         : _mm256_i32gather_ps(src + c * col_stride, offsets, 4);
+        bad8 = _mm256_or_ps(bad8, _mm256_or_ps(_mm256_cmp_ps(x, x, _CMP_UNORD_Q),
+                                               _mm256_cmp_ps(x, neg_inf8, _CMP_EQ_OQ)));
+        low8 = _mm256_min_ps(x, low8);  // a NaN x returns low8: the minimum stays clean
+        _mm256_storeu_pd(dst + c, _mm256_cvtps_pd(_mm256_castps256_ps128(x)));
+        _mm256_storeu_pd(dst + c + 4, _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)));
+      }
+      for (; c < nc; ++c) {
+        const float x = src[c * col_stride];
+        bad |= (x != x) || x == -inf;
+        low = x < low ? x : low;
+        dst[c] = x;
+      }
     }
   }
   float lanes[8];
