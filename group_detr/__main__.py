@@ -4,7 +4,7 @@
     python -m group_detr synth --out data/synthetic
     python -m group_detr train --data-dir data/coco --output-dir runs/r50 --backbone-weights r50.pth
     torchrun --nproc_per_node 8 -m group_detr train --data-dir data/coco ...
-    python -m group_detr eval --checkpoint runs/demo-k11/checkpoint.pth
+    python -m group_detr eval --checkpoint runs/demo/checkpoint.pth
 
 `train` and `demo` take every `TrainConfig` field as `--field-name` (see `--help`); `train`
 starts from the paper's defaults, `demo` from `demo_config()`.
