@@ -87,9 +87,9 @@ def raise_for_status(status: Tensor) -> None:
     A CUDA status is copied to the host once (the one synchronisation of validation).
     """
     status = status.cpu()
-    bad = torch.nonzero(status != STATUS_OK)
-    if bad.numel() == 0:
+    if not status.numpy().any():  # the usual case, in ~1 us (STATUS_OK is 0)
         return
+    bad = torch.nonzero(status != STATUS_OK)
     index = int(bad[0, 0])
     code = int(status[index])
     count = bad.shape[0]
