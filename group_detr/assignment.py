@@ -159,7 +159,7 @@ def linear_sum_assignment(
         padding columns and for targets left unmatched when a problem has more targets than
         queries. The total cost is minimal and the assignment equals scipy's.
     """
-    matched, status = solve_with_status(cost, num_targets, backend)
+    matched, status = _solve(cost, num_targets, backend)
     if return_status:
         return matched, status
     if validate and status is not None:
@@ -167,11 +167,8 @@ def linear_sum_assignment(
     return matched
 
 
-def solve_with_status(cost: Tensor, num_targets=None, backend: str = "auto"):
-    """`linear_sum_assignment` without validation: `(matched, status)`, status `(P,)` int32 per
-    problem (STATUS_*), on the cost's device, or None for the scipy backend (which raises).
-    Nothing synchronises with the host on CUDA; callers check the status when they choose to
-    (GroupMatcher fetches it together with its indices, in one copy)."""
+def _solve(cost: Tensor, num_targets, backend: str):
+    """`(matched, status)` without validation; nothing synchronises with the host on CUDA."""
     num_targets = _check_inputs(cost, num_targets)
     backend = _resolve_backend(backend, cost.device)
     if backend == "scipy":

@@ -229,7 +229,7 @@ def _to_detr_indices(matched, num_images, num_groups, queries_per_group, sizes, 
     target = torch.arange(max_targets, device=matched.device).expand(num_images, num_groups, -1)
     query, order = torch.sort(query, dim=1)
     target = torch.gather(target.flatten(1), 1, order)
-    if to_cpu:  # one device-to-host copy (the call's one synchronisation on CUDA)
+    if to_cpu and matched.device.type != "cpu":  # one copy: the call's one synchronisation
         parts = [query.flatten(), target.flatten()]
         if status is not None:
             parts.append(status.to(torch.int64))

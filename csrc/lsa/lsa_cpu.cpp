@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "lsa/cpu_solver.h"
+#include "lsa/op_checks.h"
 #include "lsa/warp_scan.h"
 
 namespace group_detr {
@@ -25,12 +26,7 @@ using lsa::Status;
 
 std::tuple<at::Tensor, at::Tensor> batched_lsa_cpu(const at::Tensor& cost,
                                                    const at::Tensor& num_targets) {
-  TORCH_CHECK(cost.dim() == 3, "batched_lsa: cost must have shape (P, Q, T), got ",
-              cost.sizes());
-  TORCH_CHECK(cost.scalar_type() == at::kFloat || cost.scalar_type() == at::kDouble,
-              "batched_lsa: cost must be float32 or float64, got ", cost.scalar_type());
-  TORCH_CHECK(num_targets.dim() == 1 && num_targets.size(0) == cost.size(0),
-              "batched_lsa: num_targets must have shape (P,)");
+  check_lsa_inputs("batched_lsa", cost, num_targets);
   TORCH_CHECK(cost.device().is_cpu() && num_targets.device().is_cpu(),
               "batched_lsa (CPU): tensors must be on the CPU");
 
@@ -99,11 +95,7 @@ namespace {
 template <bool kReverse>
 std::tuple<at::Tensor, at::Tensor> warp_emulated(const at::Tensor& cost,
                                                  const at::Tensor& num_targets, bool stage) {
-  TORCH_CHECK(cost.dim() == 3, "batched_lsa_warp_emulated: cost must have shape (P, Q, T)");
-  TORCH_CHECK(cost.scalar_type() == at::kFloat || cost.scalar_type() == at::kDouble,
-              "batched_lsa_warp_emulated: cost must be float32 or float64");
-  TORCH_CHECK(num_targets.dim() == 1 && num_targets.size(0) == cost.size(0),
-              "batched_lsa_warp_emulated: num_targets must have shape (P,)");
+  check_lsa_inputs("batched_lsa_warp_emulated", cost, num_targets);
   TORCH_CHECK(cost.device().is_cpu() && num_targets.device().is_cpu(),
               "batched_lsa_warp_emulated: tensors must be on the CPU");
   const int64_t num_problems = cost.size(0), num_queries = cost.size(1), num_cols = cost.size(2);

@@ -15,6 +15,7 @@
 #include <tuple>
 
 #include "lsa/lsa_cuda_kernel.cuh"
+#include "lsa/op_checks.h"
 
 namespace group_detr {
 namespace {
@@ -31,12 +32,7 @@ int stage_mode() {
 
 std::tuple<at::Tensor, at::Tensor> batched_lsa_cuda(const at::Tensor& cost,
                                                     const at::Tensor& num_targets) {
-  TORCH_CHECK(cost.dim() == 3, "batched_lsa: cost must have shape (P, Q, T), got ",
-              cost.sizes());
-  TORCH_CHECK(cost.scalar_type() == at::kFloat || cost.scalar_type() == at::kDouble,
-              "batched_lsa: cost must be float32 or float64, got ", cost.scalar_type());
-  TORCH_CHECK(num_targets.dim() == 1 && num_targets.size(0) == cost.size(0),
-              "batched_lsa: num_targets must have shape (P,)");
+  check_lsa_inputs("batched_lsa", cost, num_targets);
   TORCH_CHECK(cost.is_cuda() && num_targets.device() == cost.device(),
               "batched_lsa (CUDA): cost and num_targets must be on the same CUDA device");
   const int64_t num_problems = cost.size(0);
