@@ -10,6 +10,7 @@ paper's eqs. 6 and 7) on a fixed validation batch at step 0 and after every epoc
 
     python benchmarks/bench_convergence.py                 # default: K = 1 3 11, one seed
     python benchmarks/bench_convergence.py --seeds 0 1 2   # mean and spread over seeds
+    python benchmarks/bench_convergence.py --seeds 0 1 2 --jobs 2   # two runs at a time
     python benchmarks/bench_convergence.py --quick         # smoke test, well under 3 minutes
 
 The model is the demo preset (`group_detr.engine.demo_config`: small from-scratch CNN, no encoder
@@ -140,15 +141,26 @@ def summarise(runs: List[Dict]) -> Dict:
     return summary
 
 
+def _train_and_measure_job(config: TrainConfig, analysis_images: int) -> Dict:
+    return train_and_measure(config, analysis_images=analysis_images, log=lambda line: print(line, flush=True))
+
+
 def run_convergence(config: TrainConfig, groups: Sequence[int] = DEFAULT_GROUPS, seeds: Sequence[int] = (0,),
-                    analysis_images: int = 16, log: Callable[[str], None] = print) -> Dict:
+                    analysis_images: int = 16, log: Callable[[str], None] = print, jobs: int = 1) -> Dict:
     """The benchmark's core: every (seed, K) run with everything else fixed; returns the results dict."""
-    runs = []
-    for seed in seeds:
-        for k in groups:
-            run_config = dataclasses.replace(config, num_groups=int(k), seed=int(seed),
-                                             output_dir=os.path.join(config.output_dir, f"K{k}-seed{seed}"))
-            runs.append(train_and_measure(run_config, analysis_images=analysis_images, log=log))
+    run_configs = [dataclasses.replace(config, num_groups=int(k), seed=int(seed),
+                                       output_dir=os.path.join(config.output_dir, f"K{k}-seed{seed}"))
+                   for seed in seeds for k in groups]
+    if jobs <= 1:
+        runs = [train_and_measure(c, analysis_images=analysis_images, log=log) for c in run_configs]
+    else:
+        # Each run seeds itself and owns its process, so running several at once changes the wall
+        # time only, not a single number of the results.
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            runs = list(pool.map(_train_and_measure_job, run_configs, [analysis_images] * len(run_configs)))
     fixed = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("num_groups", "seed", "output_dir")}
     return {"groups": [int(k) for k in groups], "seeds": [int(s) for s in seeds],
             "config": {k: list(v) if isinstance(v, tuple) else v for k, v in fixed.items()},
@@ -204,6 +216,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     parser.add_argument("--epochs", type=int, default=None, help="override the schedule's epochs")
     parser.add_argument("--data-dir", default=None, help="synthetic dataset (written there if missing)")
     parser.add_argument("--analysis-images", type=int, default=16, help="validation images for PD / MD")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs at once, one process each (same results, less wall time; each run "
+                             "takes about one core: its one intra-op thread and its data-loader worker)")
     parser.add_argument("--quick", action="store_true", help="smoke test: few images, 2 epochs, K = 1 3")
     parser.add_argument("--out", default=None, help="results json (default benchmarks/results/convergence-<machine>.json)")
     args = parser.parse_args(argv)
@@ -224,8 +239,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     machine = machine_name(torch.device("cpu"))
     out = args.out or os.path.join(RESULTS_DIR, f"convergence-{machine}{'-quick' if args.quick else ''}.json")
     start = time.time()
-    results = run_convergence(config, groups, args.seeds, analysis_images)
-    results.update({"machine": machine, "quick": args.quick, "wall_s": round(time.time() - start, 1),
+    results = run_convergence(config, groups, args.seeds, analysis_images, jobs=args.jobs)
+    results.update({"machine": machine, "quick": args.quick, "jobs": args.jobs, "wall_s": round(time.time() - start, 1),
                     "torch": torch.__version__})
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     results["png"] = plot(results, os.path.splitext(out)[0] + ".png")

@@ -3,6 +3,7 @@
 The package must import and work without the extension (through the scipy / PyTorch reference
 paths), so a failed load is turned into a single warning rather than an ImportError.
 """
+import functools
 import importlib.util
 import warnings
 
@@ -23,16 +24,21 @@ except ImportError as exc:  # pragma: no cover - exercised only on installs with
     )
 
 
+# Cached: what was built does not change in a process, and linear_sum_assignment asks on
+# every call.
+@functools.lru_cache(maxsize=None)
 def has_lsa_cpu() -> bool:
     return _C is not None and hasattr(torch.ops.group_detr, "batched_lsa")
 
 
+@functools.lru_cache(maxsize=None)
 def has_lsa_cuda() -> bool:
     if not (has_lsa_cpu() and torch.cuda.is_available()):
         return False
     return torch._C._dispatch_has_kernel_for_dispatch_key("group_detr::batched_lsa", "CUDA")
 
 
+@functools.lru_cache(maxsize=None)
 def has_lsa_warp_emulated() -> bool:
     """The CUDA solver's warp-parallel code with emulated lanes on the CPU (tests)."""
     return _C is not None and hasattr(torch.ops.group_detr, "batched_lsa_warp_emulated")

@@ -106,6 +106,23 @@ def test_detr_shapes_match_scipy(num_queries, num_cols):
     check_against_scipy(cost, [num_cols, num_cols // 2, 0], dtype=torch.float32)
 
 
+@pytest.mark.parametrize("num_queries", [3, 301, 900])
+def test_detr_layout_float32_every_target_count(num_queries):
+    """The float32 (Q, T) layout with the targets as rows is copied in blocks of 4 x 4 and
+    checked in blocks of 8 targets: every count of valid targets around those block widths, with
+    NaN in the padding next to them (it must be neither read into the cost nor reported)."""
+    num_cols = 13
+    rng = np.random.default_rng(num_queries)
+    counts = list(range(min(num_cols, num_queries - 1) + 1))
+    cost = rng.random((len(counts), num_queries, num_cols)).astype(np.float32)
+    ours_input = torch.from_numpy(cost.copy())
+    for p, m in enumerate(counts):
+        ours_input[p, :, m:] = float("nan")
+    ours = linear_sum_assignment(ours_input, torch.tensor(counts)).numpy()
+    expected, _ = scipy_reference(cost.astype(np.float64), counts)
+    np.testing.assert_array_equal(ours, expected)
+
+
 @pytest.mark.parametrize("portable_scan", [False, True], ids=["dispatched", "portable"])
 @pytest.mark.parametrize("num_queries,num_cols", [(300, 40), (37, 37), (41, 90)])
 def test_integer_ties_at_simd_widths(num_queries, num_cols, portable_scan, monkeypatch):

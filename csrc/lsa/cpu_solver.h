@@ -9,8 +9,8 @@
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
+#include <memory>
 #include <type_traits>
-#include <vector>
 
 #include "lsa/solver.h"
 
@@ -142,24 +142,56 @@ struct DispatchedScan {
   }
 };
 
-// Per-thread memory, sized once for the largest problem.
-struct ThreadWorkspace {
-  std::vector<double> cost, u, v, dist, visited_dist;
-  std::vector<int32_t> path, col4row, row4col, remaining, position, visited_rows, visited_cols,
-      visited_pos;
-
-  ThreadWorkspace(int64_t max_rows, int64_t max_cols)
-      : cost(max_rows * max_cols), u(max_rows), v(max_cols), dist(max_cols),
-        visited_dist(max_rows), path(max_cols), col4row(max_rows), row4col(max_cols),
-        remaining(max_cols), position(max_cols), visited_rows(max_rows),
-        visited_cols(max_rows), visited_pos(max_rows) {}
-
-  lsa::Workspace<double> view() {
-    return {cost.data(),      u.data(),           v.data(),            dist.data(),
-            path.data(),      col4row.data(),     row4col.data(),      remaining.data(),
-            position.data(),  visited_rows.data(), visited_cols.data(), visited_pos.data(),
-            visited_dist.data()};
+// Per-thread memory for problems up to max_rows x max_cols. One block, grow-only and never
+// initialised (solve() writes every entry before reading it): a thread that solves many batches
+// keeps its block, so a call neither zero-fills nor page-faults a fresh allocation, which for a
+// 26 x 900 problem cost as much as the solve itself.
+class ThreadWorkspace {
+ public:
+  void reserve(int64_t max_rows, int64_t max_cols) {
+    // cost, then the double arrays (u, visited_dist, v, dist), then the int32 ones.
+    const int64_t doubles = max_rows * max_cols + 2 * max_rows + 2 * max_cols;
+    const int64_t ints = 4 * max_rows + 5 * max_cols;
+    const int64_t bytes = doubles * int64_t(sizeof(double)) + ints * int64_t(sizeof(int32_t));
+    if (bytes > capacity_) {
+      memory_.reset(new double[(bytes + sizeof(double) - 1) / sizeof(double)]);
+      capacity_ = bytes;
+    }
+    max_rows_ = max_rows;
+    max_cols_ = max_cols;
   }
+
+  double* cost() const { return memory_.get(); }
+
+  lsa::Workspace<double> view() const {
+    double* d = memory_.get() + max_rows_ * max_cols_;
+    double* u = d;
+    double* visited_dist = u + max_rows_;
+    double* v = visited_dist + max_rows_;
+    double* dist = v + max_cols_;
+    int32_t* k = reinterpret_cast<int32_t*>(dist + max_cols_);
+    int32_t* col4row = k;
+    int32_t* visited_rows = col4row + max_rows_;
+    int32_t* visited_cols = visited_rows + max_rows_;
+    int32_t* visited_pos = visited_cols + max_rows_;
+    int32_t* path = visited_pos + max_rows_;
+    int32_t* row4col = path + max_cols_;
+    int32_t* remaining = row4col + max_cols_;
+    int32_t* position = remaining + max_cols_;
+    return {cost(),  u,         v,        dist,         path,         col4row,     row4col,
+            remaining, position, visited_rows, visited_cols, visited_pos, visited_dist};
+  }
+
+  // The calling thread's workspace, kept between calls.
+  static ThreadWorkspace& local() {
+    thread_local ThreadWorkspace workspace;
+    return workspace;
+  }
+
+ private:
+  std::unique_ptr<double[]> memory_;
+  int64_t capacity_ = 0;
+  int64_t max_rows_ = 0, max_cols_ = 0;
 };
 
 // Copies the cost to the solver's row-major double layout, checks it and shifts it by its
@@ -191,6 +223,74 @@ inline Status prepare_cost_body(const scalar_t* cost, int64_t row_stride, int64_
 }
 
 #ifdef GROUP_DETR_HAVE_AVX2_SCAN
+// The DETR layout: the targets are the rows of a (Q, T) cost, so row r of the solver's matrix is
+// column r of the source, and each source row (one query) holds up to `nr` contiguous floats.
+// Two passes over the source instead of three over the copy: the first checks and finds the
+// minimum with one masked load per 8 targets of a query (the padding past `nr` is never read
+// into a result), the second transposes 4 x 4 blocks in registers, widens and shifts them, and
+// stores each row contiguously. Every entry takes the path double(x) - double(min), as before.
+__attribute__((target("avx2"))) inline Status avx2_prepare_float_transposed(const float* cost,
+                                                                            int64_t col_stride,
+                                                                            int64_t nr, int64_t nc,
+                                                                            double* shifted) {
+  const float inf = std::numeric_limits<float>::infinity();
+  const __m256i lane8 = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256 inf8 = _mm256_set1_ps(inf);
+  __m256 low8 = inf8;
+  // A sum turns NaN as soon as a NaN enters (or +inf meets -inf, invalid anyway), and never
+  // otherwise (overflow gives inf), so one add per vector checks for NaN; -inf shows in the min.
+  __m256 sum8 = _mm256_setzero_ps();
+  for (int64_t r0 = 0; r0 < nr; r0 += 8) {
+    const __m256i valid = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(
+                                                 std::min<int64_t>(nr - r0, 8))), lane8);
+    for (int64_t c = 0; c < nc; ++c) {
+      const __m256 x = _mm256_maskload_ps(cost + c * col_stride + r0, valid);  // 0 when masked
+      sum8 = _mm256_add_ps(sum8, x);
+      low8 = _mm256_min_ps(_mm256_blendv_ps(inf8, x, _mm256_castsi256_ps(valid)), low8);
+    }
+  }
+  float lanes[8];
+  _mm256_storeu_ps(lanes, low8);
+  float low = inf;
+  for (float x : lanes) low = x < low ? x : low;
+  if (_mm256_movemask_ps(_mm256_cmp_ps(sum8, sum8, _CMP_UNORD_Q)) || low == -inf) {
+    return lsa::kInvalidEntry;
+  }
+  if (low == inf) return lsa::kInfeasible;  // every pair forbidden
+  const __m256d min4 = _mm256_set1_pd(static_cast<double>(low));
+  const __m128i lane4 = _mm_setr_epi32(0, 1, 2, 3);
+  for (int64_t r0 = 0; r0 < nr; r0 += 4) {
+    const int64_t rows = std::min<int64_t>(nr - r0, 4);
+    const __m128i valid = _mm_cmpgt_epi32(_mm_set1_epi32(static_cast<int32_t>(rows)), lane4);
+    double* dst = shifted + r0 * nc;
+    int64_t c = 0;
+    for (; c + 4 <= nc; c += 4) {
+      const float* src = cost + c * col_stride + r0;
+      __m128 a = _mm_maskload_ps(src, valid);
+      __m128 b = _mm_maskload_ps(src + col_stride, valid);
+      __m128 d = _mm_maskload_ps(src + 2 * col_stride, valid);
+      __m128 e = _mm_maskload_ps(src + 3 * col_stride, valid);
+      _MM_TRANSPOSE4_PS(a, b, d, e);  // now a..e hold rows r0..r0+3, columns c..c+3
+      const __m128 block[4] = {a, b, d, e};
+      if (rows == 4) {  // all but the last block of rows: unrolled
+        for (int64_t k = 0; k < 4; ++k) {
+          _mm256_storeu_pd(dst + k * nc + c, _mm256_sub_pd(_mm256_cvtps_pd(block[k]), min4));
+        }
+      } else {
+        for (int64_t k = 0; k < rows; ++k) {
+          _mm256_storeu_pd(dst + k * nc + c, _mm256_sub_pd(_mm256_cvtps_pd(block[k]), min4));
+        }
+      }
+    }
+    for (; c < nc; ++c) {
+      for (int64_t k = 0; k < rows; ++k) {
+        dst[k * nc + c] = static_cast<double>(cost[c * col_stride + r0 + k]) - static_cast<double>(low);
+      }
+    }
+  }
+  return lsa::kOk;
+}
+
 // prepare_cost_body for float32 costs with AVX2: eight entries per gather (a plain load when
 // the row is contiguous), checked and reduced in float, since widening to double is exact and
 // monotonic, then the shift in double, four at a time.
@@ -210,35 +310,7 @@ __attribute__((target("avx2"))) inline Status avx2_prepare_float(const float* co
   float low = inf;
   bool bad = false;
   if (col_stride != 1 && row_stride == 1) {
-    // The transposed layout (targets as rows of a (Q, T) cost): walk the source in memory
-    // order and scatter into the rows, which beats one gather per 8 entries on CPUs whose
-    // gathers are slow; the checks then run over the contiguous copy.
-    for (int64_t c = 0; c < nc; ++c) {
-      const float* src = cost + c * col_stride;
-      double* dst = shifted + c;
-      for (int64_t r = 0; r < nr; ++r) dst[r * nc] = src[r];
-    }
-    const int64_t size = nr * nc;
-    const __m256d neg_inf4 = _mm256_set1_pd(-static_cast<double>(inf));
-    __m256d low4 = _mm256_set1_pd(static_cast<double>(inf));
-    __m256d bad4 = _mm256_setzero_pd();
-    int64_t k = 0;
-    for (; k + 4 <= size; k += 4) {
-      const __m256d x = _mm256_loadu_pd(shifted + k);
-      bad4 = _mm256_or_pd(bad4, _mm256_or_pd(_mm256_cmp_pd(x, x, _CMP_UNORD_Q),
-                                             _mm256_cmp_pd(x, neg_inf4, _CMP_EQ_OQ)));
-      low4 = _mm256_min_pd(x, low4);
-    }
-    double lanes4[4];
-    _mm256_storeu_pd(lanes4, low4);
-    double low_d = std::min(std::min(lanes4[0], lanes4[1]), std::min(lanes4[2], lanes4[3]));
-    bad = _mm256_movemask_pd(bad4) != 0;
-    for (; k < size; ++k) {
-      const double x = shifted[k];
-      bad |= (x != x) || x == -static_cast<double>(inf);
-      low_d = x < low_d ? x : low_d;
-    }
-    low = static_cast<float>(low_d);  // exact: every entry is a widened float
+    return avx2_prepare_float_transposed(cost, col_stride, nr, nc, shifted);
   } else {
     for (int64_t r = 0; r < nr; ++r) {
       const float* src = cost + r * row_stride;
@@ -306,7 +378,7 @@ Status solve_one(const scalar_t* cost, int64_t stride_q, int64_t stride_t, int64
   const int64_t row_stride = targets_are_rows ? stride_t : stride_q;
   const int64_t col_stride = targets_are_rows ? stride_q : stride_t;
 
-  const Status prepared = prepare_cost(cost, row_stride, col_stride, nr, nc, tw.cost.data(),
+  const Status prepared = prepare_cost(cost, row_stride, col_stride, nr, nc, tw.cost(),
                                        scan.use_avx2);
   if (prepared != lsa::kOk) return prepared;
   const lsa::Workspace<double> ws = tw.view();

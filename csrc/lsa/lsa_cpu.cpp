@@ -61,7 +61,8 @@ std::tuple<at::Tensor, at::Tensor> batched_lsa_cpu(const at::Tensor& cost,
     const DispatchedScan scan;
     const int64_t num_workers = std::min<int64_t>(at::get_num_threads(), num_problems);
     at::parallel_for(0, num_workers, 1, [&](int64_t begin, int64_t end) {
-      ThreadWorkspace tw(max_rows, max_cols);
+      ThreadWorkspace& tw = ThreadWorkspace::local();
+      tw.reserve(max_rows, max_cols);
       for (int64_t w = begin; w < end; ++w) {
         for (int64_t k = next.fetch_add(1); k < num_problems; k = next.fetch_add(1)) {
           const int64_t p = order[k];
