@@ -207,6 +207,34 @@ def plot(results: Dict, path: str) -> str:
     return path
 
 
+def parse_overrides(items: Sequence[str]) -> Dict:
+    """`["num_queries=30", "lr=2e-4"]` -> {"num_queries": 30, "lr": 2e-4}, typed like TrainConfig."""
+    defaults = default_config()
+    overrides = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or not hasattr(defaults, name) or name in ("num_groups", "seed"):
+            raise SystemExit(f"--set expects FIELD=VALUE with a TrainConfig field other than "
+                             f"num_groups and seed (use --groups / --seeds), got {item!r}")
+        current = getattr(defaults, name)
+        if isinstance(current, bool):
+            value = text.lower() in ("1", "true", "yes")
+        elif isinstance(current, tuple):
+            value = tuple(type(current[0])(v) for v in text.split(",")) if current else tuple(text.split(","))
+        elif current is None:  # an Optional field: a number if it reads as one
+            value = text
+            for kind in (int, float):
+                try:
+                    value = kind(text)
+                    break
+                except ValueError:
+                    pass
+        else:
+            value = type(current)(text)
+        overrides[name] = value
+    return overrides
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
     from bench_matcher import machine_name
 
@@ -216,6 +244,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     parser.add_argument("--epochs", type=int, default=None, help="override the schedule's epochs")
     parser.add_argument("--data-dir", default=None, help="synthetic dataset (written there if missing)")
     parser.add_argument("--analysis-images", type=int, default=16, help="validation images for PD / MD")
+    parser.add_argument("--set", metavar="FIELD=VALUE", nargs="+", default=[],
+                        help="override TrainConfig fields of the default configuration, e.g. "
+                             "--set num_queries=30 lr=2e-4 (for diagnosis runs; write them with --out)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs at once, one process each (same results, less wall time; each run "
                              "takes about one core: its one intra-op thread and its data-loader worker)")
@@ -223,7 +254,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     parser.add_argument("--out", default=None, help="results json (default benchmarks/results/convergence-<machine>.json)")
     args = parser.parse_args(argv)
 
-    overrides = {}
+    overrides = parse_overrides(args.set)
     if args.data_dir:
         overrides["data_dir"] = args.data_dir
     if args.epochs:

@@ -1,4 +1,5 @@
 """PD / MD (group_detr.analysis) on hand-made cases, and a smoke test of bench_convergence's core."""
+import json
 import math
 import os
 
@@ -120,3 +121,33 @@ def test_bench_convergence_core_smoke(tmp_path):
     assert set(results["summary"]) == {"1", "2"} and len(results["summary"]["2"]["AP"]) == 2
     png = bench_convergence.plot(results, str(tmp_path / "convergence.png"))
     assert os.path.getsize(png) > 0
+
+
+def test_bench_convergence_parallel_runs_give_the_same_results(tmp_path):
+    """--jobs runs each (K, seed) in its own process: only the wall time may change."""
+    import bench_convergence
+    from group_detr.data.synthetic import write_synthetic_dataset
+
+    data = tmp_path / "data"
+    write_synthetic_dataset(str(data), num_train=4, num_val=2, image_size=64, max_objects=2)
+    config = demo_config(data_dir=str(data), output_dir=str(tmp_path / "runs"), hidden_dim=16, nheads=2,
+                         dec_layers=1, dim_feedforward=16, small_widths=(8, 8, 8, 8), num_queries=3,
+                         epochs=1, batch_size=2, train_scales=(64,), crop_resize=(64,), crop_size=(48, 64),
+                         max_size=80, eval_size=64, num_workers=0, num_threads=1, print_freq=10**6)
+    serial = bench_convergence.run_convergence(config, groups=(1, 2), analysis_images=2, log=lambda _: None)
+    parallel = bench_convergence.run_convergence(config, groups=(1, 2), analysis_images=2, jobs=2)
+    for a, b in zip(serial["runs"], parallel["runs"]):
+        assert (a["num_groups"], a["seed"]) == (b["num_groups"], b["seed"])
+        assert json.dumps(a["distances"]) == json.dumps(b["distances"])  # NaN-aware (K = 1 has no MD)
+        assert [e["loss"] for e in a["epochs"]] == [e["loss"] for e in b["epochs"]]
+
+
+def test_bench_convergence_overrides():
+    import bench_convergence
+
+    assert bench_convergence.parse_overrides(["num_queries=30", "lr=2e-4", "train_scales=96,128",
+                                              "max_train_images=100"]) == {
+        "num_queries": 30, "lr": 2e-4, "train_scales": (96, 128), "max_train_images": 100}
+    for bad in (["seed=1"], ["num_groups=3"], ["no_such_field=1"], ["num_queries"]):
+        with pytest.raises(SystemExit, match="FIELD=VALUE"):
+            bench_convergence.parse_overrides(bad)
