@@ -1,4 +1,6 @@
 """The detector, backbones, criterion and post-processing (group_detr.models)."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -313,3 +315,20 @@ def test_postprocess_returns_top_scores_in_pixels():
     torch.testing.assert_close(result[0]["boxes"][0], torch.tensor([0.0, 0.0, 100.0, 100.0]))
     with pytest.raises(ValueError, match=r"target_sizes must be \(B, 2\)"):
         PostProcess()({"pred_logits": logits, "pred_boxes": boxes}, torch.tensor([100, 200]))
+
+
+def test_backbone_starts_from_a_detector_checkpoint(tmp_path):
+    """backbone_weights may name one of our own checkpoints: the new detector takes its backbone
+    (and nothing else) from it."""
+    from group_detr.engine import build_model, demo_config
+
+    config = demo_config(small_widths=(8, 8, 8, 8), hidden_dim=16, nheads=2, dec_layers=1, dim_feedforward=16)
+    torch.manual_seed(0)
+    trained = build_model(config, num_classes=3)
+    torch.save({"model": trained.state_dict(), "epoch": 3}, tmp_path / "checkpoint.pth")
+    torch.manual_seed(1)
+    fresh = build_model(dataclasses.replace(config, backbone_weights=str(tmp_path / "checkpoint.pth")), 3)
+    for (name, a), b in zip(trained.state_dict().items(), fresh.state_dict().values()):
+        if name.startswith("backbone.body."):
+            torch.testing.assert_close(a, b)
+    assert not torch.equal(trained.query_embed.weight, fresh.query_embed.weight)

@@ -198,11 +198,18 @@ def _extract_state_dict(checkpoint) -> Dict[str, Tensor]:
     for prefix in ("module.", "backbone.body.", "backbone.0.body.", "body."):
         if checkpoint and all(k.startswith(prefix) for k in checkpoint):
             checkpoint = {k[len(prefix):]: v for k, v in checkpoint.items()}
+    # A whole detector (one of our checkpoints, or DETR's): keep its backbone's tensors, so that
+    # a new detector can start from the backbone another one has trained.
+    for prefix in ("backbone.body.", "backbone.0.body."):
+        if any(k.startswith(prefix) for k in checkpoint) and any(k.startswith("transformer.") for k in checkpoint):
+            checkpoint = {k[len(prefix):]: v for k, v in checkpoint.items() if k.startswith(prefix)}
     return checkpoint
 
 
 def load_backbone_weights(backbone: nn.Module, path: str) -> None:
     """Load a local checkpoint (e.g. torchvision's resnet50-0676ba61.pth) into `backbone`.
+
+    A detector checkpoint (ours from `train`, or DETR's) works too: its backbone is taken.
 
     The ImageNet classifier (`fc.*`) is dropped; every other tensor must match by name and shape,
     otherwise a ValueError lists what is missing or unexpected.
