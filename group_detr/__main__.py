@@ -59,12 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m group_detr", description="Group DETR training and evaluation")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo", help="synthetic data, a short K=11 training, AP table and a PNG",
-                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    demo = commands.add_parser("demo", help="synthetic data, a short K=11 training, AP table and a PNG")
     demo.add_argument("--num-train-images", type=int, default=DEMO_SYNTHETIC["num_train"],
-                      help="synthetic training images written when data_dir has no dataset yet")
+                      help="synthetic training images written when data_dir has no dataset yet (default: %(default)s)")
     demo.add_argument("--num-val-images", type=int, default=DEMO_SYNTHETIC["num_val"],
-                      help="synthetic validation images written when data_dir has no dataset yet")
+                      help="synthetic validation images written when data_dir has no dataset yet (default: %(default)s)")
     _add_config_arguments(demo, demo_config(resume=True))
 
     train_cmd = commands.add_parser("train", help="train on a COCO-format dataset (torchrun for several processes)")
