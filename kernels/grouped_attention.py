@@ -54,6 +54,25 @@ def _keep(seed, bh, rows, cols, seq_len, dropout_p):
     return tl.rand(seed, offsets) >= dropout_p
 
 
+@triton.jit
+def _program_tile(Tiles, num_heads):
+    """This program's (batch * head, batch, head) and its tile of the schedule: the tile's rows
+    (or key columns) [start, end) and the range of visible ranges [first_range, end_range)."""
+    tile = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)  # int64 offsets: b * stride_b may pass 2**31
+    start = tl.load(Tiles + tile * 4)
+    end = tl.load(Tiles + tile * 4 + 1)
+    first_range = tl.load(Tiles + tile * 4 + 2)
+    end_range = tl.load(Tiles + tile * 4 + 3)
+    return bh, bh // num_heads, bh % num_heads, start, end, first_range, end_range
+
+
+@triton.jit
+def _block_ptrs(Base, stride_b, stride_h, stride_l, b, h, rows, dims):
+    """Pointers to the `(len(rows), HEAD_DIM)` block of rows of one (batch, head)."""
+    return Base + b * stride_b + h * stride_h + rows[:, None] * stride_l + dims[None, :]
+
+
 @triton.jit(do_not_specialize=["seed"])
 def _fwd_kernel(Q, K, V, Out, Lse, Tiles, Ranges,
                 stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
@@ -62,19 +81,11 @@ def _fwd_kernel(Q, K, V, Out, Lse, Tiles, Ranges,
                 HEAD_DIM: tl.constexpr, TILE_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
                 PRECISION: tl.constexpr):
-    tile = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)  # int64 offsets: b * stride_b may pass 2**31
-    b = bh // num_heads
-    h = bh % num_heads
-    row_start = tl.load(Tiles + tile * 4)
-    row_end = tl.load(Tiles + tile * 4 + 1)
-    first_range = tl.load(Tiles + tile * 4 + 2)
-    end_range = tl.load(Tiles + tile * 4 + 3)
-
+    bh, b, h, row_start, row_end, first_range, end_range = _program_tile(Tiles, num_heads)
     rows = row_start + tl.arange(0, TILE_M)
     row_ok = rows < row_end
     dims = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_ql + dims[None, :],
+    q = tl.load(_block_ptrs(Q, stride_qb, stride_qh, stride_ql, b, h, rows, dims),
                 mask=row_ok[:, None], other=0.0)
     if DOT_FP32:
         q = q.to(tl.float32)
@@ -111,7 +122,7 @@ def _fwd_kernel(Q, K, V, Out, Lse, Tiles, Ranges,
             m_i = m_new
 
     acc = acc / l_i[:, None]
-    tl.store(Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_ol + dims[None, :],
+    tl.store(_block_ptrs(Out, stride_ob, stride_oh, stride_ol, b, h, rows, dims),
              acc.to(Out.dtype.element_ty), mask=row_ok[:, None])
     # natural-log lse of the scaled scores: (m + log2 l) / log2(e)
     tl.store(Lse + bh * seq_len + rows, (m_i + tl.math.log2(l_i)) / _LOG2E,
@@ -131,8 +142,8 @@ def _bwd_preprocess(Out, GradOut, Delta, stride_ob, stride_oh, stride_ol,
     dims = tl.arange(0, HEAD_DIM)
     o = tl.load(Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_ol + dims[None, :],
                 mask=row_ok[:, None], other=0.0).to(tl.float32)
-    do = tl.load(GradOut + b * stride_gb + h * stride_gh + rows[:, None] * stride_gl
-                 + dims[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(_block_ptrs(GradOut, stride_gb, stride_gh, stride_gl, b, h, rows, dims),
+                 mask=row_ok[:, None], other=0.0).to(tl.float32)
     tl.store(Delta + bh * seq_len + rows, tl.sum(o * do, 1), mask=row_ok)
 
 
@@ -147,21 +158,13 @@ def _bwd_dkdv_kernel(Q, K, V, GradOut, Lse, Delta, GradK, GradV, Tiles, Ranges,
                      PRECISION: tl.constexpr):
     """dK, dV for one tile of keys, walking the query ranges that see it. Works on transposed
     blocks (keys x queries) so that dV = Z^T dO and dK = dS^T Q need no transposes."""
-    tile = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)  # int64 offsets: b * stride_b may pass 2**31
-    b = bh // num_heads
-    h = bh % num_heads
-    col_start = tl.load(Tiles + tile * 4)
-    col_end = tl.load(Tiles + tile * 4 + 1)
-    first_range = tl.load(Tiles + tile * 4 + 2)
-    end_range = tl.load(Tiles + tile * 4 + 3)
-
+    bh, b, h, col_start, col_end, first_range, end_range = _program_tile(Tiles, num_heads)
     cols = col_start + tl.arange(0, TILE_N)
     col_ok = cols < col_end
     dims = tl.arange(0, HEAD_DIM)
-    k = tl.load(K + b * stride_kb + h * stride_kh + cols[:, None] * stride_kl + dims[None, :],
+    k = tl.load(_block_ptrs(K, stride_kb, stride_kh, stride_kl, b, h, cols, dims),
                 mask=col_ok[:, None], other=0.0)
-    v = tl.load(V + b * stride_vb + h * stride_vh + cols[:, None] * stride_vl + dims[None, :],
+    v = tl.load(_block_ptrs(V, stride_vb, stride_vh, stride_vl, b, h, cols, dims),
                 mask=col_ok[:, None], other=0.0)
     if DOT_FP32:
         k = k.to(tl.float32)
@@ -203,9 +206,9 @@ def _bwd_dkdv_kernel(Q, K, V, GradOut, Lse, Delta, GradK, GradV, Tiles, Ranges,
             grad_k += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=PRECISION)
 
     grad_k *= scale
-    tl.store(GradK + b * stride_dkb + h * stride_dkh + cols[:, None] * stride_dkl + dims[None, :],
+    tl.store(_block_ptrs(GradK, stride_dkb, stride_dkh, stride_dkl, b, h, cols, dims),
              grad_k.to(GradK.dtype.element_ty), mask=col_ok[:, None])
-    tl.store(GradV + b * stride_dvb + h * stride_dvh + cols[:, None] * stride_dvl + dims[None, :],
+    tl.store(_block_ptrs(GradV, stride_dvb, stride_dvh, stride_dvl, b, h, cols, dims),
              grad_v.to(GradV.dtype.element_ty), mask=col_ok[:, None])
 
 
@@ -219,22 +222,14 @@ def _bwd_dq_kernel(Q, K, V, GradOut, Lse, Delta, GradQ, Tiles, Ranges,
                    HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
                    PRECISION: tl.constexpr):
     """dQ = scale * dS K for one tile of queries, walking its visible key ranges."""
-    tile = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)  # int64 offsets: b * stride_b may pass 2**31
-    b = bh // num_heads
-    h = bh % num_heads
-    row_start = tl.load(Tiles + tile * 4)
-    row_end = tl.load(Tiles + tile * 4 + 1)
-    first_range = tl.load(Tiles + tile * 4 + 2)
-    end_range = tl.load(Tiles + tile * 4 + 3)
-
+    bh, b, h, row_start, row_end, first_range, end_range = _program_tile(Tiles, num_heads)
     rows = row_start + tl.arange(0, TILE_M)
     row_ok = rows < row_end
     dims = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_ql + dims[None, :],
+    q = tl.load(_block_ptrs(Q, stride_qb, stride_qh, stride_ql, b, h, rows, dims),
                 mask=row_ok[:, None], other=0.0)
-    do = tl.load(GradOut + b * stride_gb + h * stride_gh + rows[:, None] * stride_gl
-                 + dims[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(_block_ptrs(GradOut, stride_gb, stride_gh, stride_gl, b, h, rows, dims),
+                 mask=row_ok[:, None], other=0.0)
     lse_log2 = tl.load(Lse + bh * seq_len + rows, mask=row_ok, other=0.0) * _LOG2E
     delta = tl.load(Delta + bh * seq_len + rows, mask=row_ok, other=0.0)
     if DOT_FP32:
@@ -268,7 +263,7 @@ def _bwd_dq_kernel(Q, K, V, GradOut, Lse, Delta, GradQ, Tiles, Ranges,
             grad_q += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
 
     grad_q *= scale
-    tl.store(GradQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dql + dims[None, :],
+    tl.store(_block_ptrs(GradQ, stride_dqb, stride_dqh, stride_dql, b, h, rows, dims),
              grad_q.to(GradQ.dtype.element_ty), mask=row_ok[:, None])
 
 
