@@ -44,6 +44,12 @@ def has_lsa_warp_emulated() -> bool:
     return _C is not None and hasattr(torch.ops.group_detr, "batched_lsa_warp_emulated")
 
 
+def lsa_cpu_scan() -> str:
+    """The column scan the CPU solver runs here: "avx512", "avx2", "portable", or "" without
+    the extension. GROUP_DETR_CPU_SCAN=avx2 / =portable caps it (read at every solver call)."""
+    return torch.ops.group_detr.cpu_scan_level() if has_lsa_cpu() else ""
+
+
 def has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
 

@@ -6,7 +6,7 @@ from hypothesis import given, settings, strategies as st
 from scipy.optimize import linear_sum_assignment as scipy_lsa
 
 import group_detr
-from group_detr import linear_sum_assignment, scipy_compatible
+from group_detr import _ext, linear_sum_assignment, scipy_compatible
 
 pytestmark = pytest.mark.skipif(
     not group_detr.backends()["lsa_cpu"], reason="group_detr._C is not built"
@@ -123,16 +123,37 @@ def test_detr_layout_float32_every_target_count(num_queries):
     np.testing.assert_array_equal(ours, expected)
 
 
-@pytest.mark.parametrize("portable_scan", [False, True], ids=["dispatched", "portable"])
-@pytest.mark.parametrize("num_queries,num_cols", [(300, 40), (37, 37), (41, 90)])
-def test_integer_ties_at_simd_widths(num_queries, num_cols, portable_scan, monkeypatch):
-    """Many equal optima over columns counts that fill SIMD registers and leave tails; the
-    portable scan (what a CPU without AVX2 runs) must give the very same assignments."""
-    if portable_scan:
-        monkeypatch.setenv("GROUP_DETR_NO_AVX2", "1")
+SCAN_LEVELS = ["auto", "avx2", "portable"]
+
+
+def use_scan(level, monkeypatch):
+    """Cap the CPU solver's column scan (auto: the best this CPU has, AVX-512 on AVX-512 CPUs)."""
+    if level != "auto":
+        monkeypatch.setenv("GROUP_DETR_CPU_SCAN", level)
+    expected = {"portable": ["portable"], "avx2": ["avx2", "portable"]}.get(level, ["avx512", "avx2", "portable"])
+    assert _ext.lsa_cpu_scan() in expected
+
+
+@pytest.mark.parametrize("scan", SCAN_LEVELS)
+@pytest.mark.parametrize("num_queries,num_cols", [(300, 40), (37, 37), (41, 90), (301, 100)])
+def test_integer_ties_at_simd_widths(num_queries, num_cols, scan, monkeypatch):
+    """Many equal optima over column counts that fill SIMD registers and leave tails; every
+    scan a CPU may run (AVX-512, AVX2, portable) must give scipy's very assignments."""
+    use_scan(scan, monkeypatch)
     rng = np.random.default_rng(num_queries * num_cols)
     cost = rng.integers(0, 4, size=(4, num_queries, num_cols)).astype(np.float64)
     check_against_scipy(cost, [num_cols, num_cols - 1, num_cols // 3, 1])
+
+
+@pytest.mark.parametrize("scan", SCAN_LEVELS)
+@pytest.mark.parametrize("num_queries,num_cols", [(300, 100), (900, 26), (61, 61)])
+def test_every_scan_on_continuous_and_forbidden_costs(num_queries, num_cols, scan, monkeypatch):
+    """Long augmenting paths (square and crowded problems) and +inf pairs through each scan."""
+    use_scan(scan, monkeypatch)
+    rng = np.random.default_rng(num_queries + num_cols)
+    cost = rng.random((3, num_queries, num_cols))
+    cost[1][rng.random((num_queries, num_cols)) < 0.3] = np.inf
+    check_against_scipy(cost.astype(np.float32), [num_cols, num_cols, num_cols // 2], dtype=torch.float32)
 
 
 def test_constant_matrix_gives_scipy_identity():

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <atomic>
 #include <numeric>
+#include <string>
 #include <vector>
 
 #include "lsa/cpu_solver.h"
@@ -83,6 +84,17 @@ std::tuple<at::Tensor, at::Tensor> batched_lsa_cpu(const at::Tensor& cost,
 
 TORCH_LIBRARY_IMPL(group_detr, CPU, m) {
   m.impl("batched_lsa", &group_detr::batched_lsa_cpu);
+}
+
+// Which column scan batched_lsa runs on this machine (after GROUP_DETR_CPU_SCAN), for reports.
+TORCH_LIBRARY_FRAGMENT(group_detr, m) {
+  m.def("cpu_scan_level() -> str", []() -> std::string {
+    switch (group_detr::cpu::DispatchedScan().level) {
+      case group_detr::cpu::DispatchedScan::kAvx512: return "avx512";
+      case group_detr::cpu::DispatchedScan::kAvx2: return "avx2";
+      default: return "portable";
+    }
+  });
 }
 
 // group_detr::batched_lsa_warp_emulated: the CUDA solver's warp-parallel code (warp_scan.h) run
