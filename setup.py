@@ -21,8 +21,9 @@ def _with_cuda():
 def extensions():
     sources = ["csrc/lsa/lsa.cpp", "csrc/lsa/lsa_cpu.cpp"]
     # -fopenmp: at::parallel_for is inline OpenMP code compiled into this extension; without
-    # the flag it silently runs on one thread.
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    # the flag it silently runs on one thread. -fno-wrapv undoes the -fwrapv that Python's own
+    # compiler flags add: with it the solver ran 14% slower (measured, dino_k1_900).
+    cxx = ["-O3", "-std=c++17", "-fopenmp", "-fno-wrapv"]
     define_macros = []
     ext_class = cpp_extension.CppExtension
     extra = {"cxx": cxx}

@@ -45,8 +45,8 @@ def has_lsa_warp_emulated() -> bool:
 
 
 def lsa_cpu_scan() -> str:
-    """The column scan the CPU solver runs here: "avx512", "avx2", "portable", or "" without
-    the extension. GROUP_DETR_CPU_SCAN=avx2 / =portable caps it (read at every solver call)."""
+    """The column scan the CPU solver runs here: "avx2", "portable", or "" without the
+    extension. GROUP_DETR_CPU_SCAN=portable forces the portable one (read at every call)."""
     return torch.ops.group_detr.cpu_scan_level() if has_lsa_cpu() else ""
 
 
