@@ -155,6 +155,17 @@ def test_every_scan_on_continuous_and_forbidden_costs(num_queries, num_cols, sca
     check_against_scipy(cost.astype(np.float32), [num_cols, num_cols, num_cols // 2], dtype=torch.float32)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "scipy", "cpu_warp_emulated"])
+def test_int32_num_targets(backend):
+    rng = np.random.default_rng(3)
+    cost = torch.from_numpy(rng.random((3, 20, 6)))
+    counts = [6, 2, 0]
+    expected = linear_sum_assignment(cost, torch.tensor(counts, dtype=torch.int64), backend=backend)
+    got = linear_sum_assignment(cost, torch.tensor(counts, dtype=torch.int32), backend=backend)
+    torch.testing.assert_close(got, expected)
+    np.testing.assert_array_equal(got.numpy(), scipy_reference(cost.numpy(), counts)[0])
+
+
 def test_constant_matrix_gives_scipy_identity():
     matched = linear_sum_assignment(torch.zeros(1, 5, 5))
     assert matched.tolist() == [[0, 1, 2, 3, 4]]

@@ -185,6 +185,15 @@ class ThreadWorkspace {
 
   double* cost() const { return memory_.get(); }
 
+  // Gives the block back when it is larger than `max_bytes`, so that one huge problem does not
+  // leave every thread holding its memory for the rest of the process.
+  void shrink_to(int64_t max_bytes) {
+    if (capacity_ > max_bytes) {
+      memory_.reset();
+      capacity_ = 0;
+    }
+  }
+
   lsa::Workspace<double> view() const {
     double* d = memory_.get() + max_rows_ * max_cols_;
     double* u = d;

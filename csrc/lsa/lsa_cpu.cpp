@@ -74,6 +74,7 @@ std::tuple<at::Tensor, at::Tensor> batched_lsa_cpu(const at::Tensor& cost,
           }
         }
       }
+      tw.shrink_to(int64_t(64) << 20);  // DETR-sized workspaces (< 1 MB) stay for the next call
     });
   });
   return {matched, status};
