@@ -142,23 +142,21 @@ __attribute__((target("avx2"))) inline lsa::Candidate<double> avx2_scan(
 // out: on the 2-core AMD EPYC (Zen 4) it ran no faster, the scans being bound by memory, not by
 // instructions.
 struct DispatchedScan {
-  enum Level { kPortable, kAvx2 };
-  Level level = kPortable;
+  bool avx2 = false;
 
   DispatchedScan() {
 #ifdef GROUP_DETR_HAVE_AVX2_SCAN
     const char* cap = std::getenv("GROUP_DETR_CPU_SCAN");
-    if (cap != nullptr && std::string(cap) == "portable") return;
-    if (__builtin_cpu_supports("avx2")) level = kAvx2;
+    avx2 = !(cap != nullptr && std::string(cap) == "portable") && __builtin_cpu_supports("avx2");
 #endif
   }
 
-  bool use_avx2() const { return level == kAvx2; }
+  bool use_avx2() const { return avx2; }
 
   lsa::Candidate<double> operator()(const lsa::Workspace<double>& ws, int32_t nc, int32_t i,
                                     double min_val, bool first) const {
 #ifdef GROUP_DETR_HAVE_AVX2_SCAN
-    if (level == kAvx2) return avx2_scan(ws, nc, i, min_val, first);
+    if (avx2) return avx2_scan(ws, nc, i, min_val, first);
 #endif
     return lsa::SerialScan{}(ws, nc, i, min_val, first);
   }
@@ -363,28 +361,24 @@ __attribute__((target("avx2"))) inline Status avx2_prepare_float(const float* co
   __m256 bad8 = _mm256_setzero_ps();
   float low = inf;
   bool bad = false;
-  if (col_stride != 1 && row_stride == 1) {
-    return avx2_prepare_float_transposed(cost, col_stride, nr, nc, shifted);
-  } else {
-    for (int64_t r = 0; r < nr; ++r) {
-      const float* src = cost + r * row_stride;
-      double* dst = shifted + r * nc;
-      int64_t c = 0;
-      for (; c + 8 <= nc; c += 8) {
-        const __m256 x = col_stride == 1 ? _mm256_loadu_ps(src + c)
-                                         : _mm256_i32gather_ps(src + c * col_stride, offsets, 4);
-        bad8 = _mm256_or_ps(bad8, _mm256_or_ps(_mm256_cmp_ps(x, x, _CMP_UNORD_Q),
-                                               _mm256_cmp_ps(x, neg_inf8, _CMP_EQ_OQ)));
-        low8 = _mm256_min_ps(x, low8);  // a NaN x returns low8: the minimum stays clean
-        _mm256_storeu_pd(dst + c, _mm256_cvtps_pd(_mm256_castps256_ps128(x)));
-        _mm256_storeu_pd(dst + c + 4, _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)));
-      }
-      for (; c < nc; ++c) {
-        const float x = src[c * col_stride];
-        bad |= (x != x) || x == -inf;
-        low = x < low ? x : low;
-        dst[c] = x;
-      }
+  for (int64_t r = 0; r < nr; ++r) {
+    const float* src = cost + r * row_stride;
+    double* dst = shifted + r * nc;
+    int64_t c = 0;
+    for (; c + 8 <= nc; c += 8) {
+      const __m256 x = col_stride == 1 ? _mm256_loadu_ps(src + c)
+                                       : _mm256_i32gather_ps(src + c * col_stride, offsets, 4);
+      bad8 = _mm256_or_ps(bad8, _mm256_or_ps(_mm256_cmp_ps(x, x, _CMP_UNORD_Q),
+                                             _mm256_cmp_ps(x, neg_inf8, _CMP_EQ_OQ)));
+      low8 = _mm256_min_ps(x, low8);  // a NaN x returns low8: the minimum stays clean
+      _mm256_storeu_pd(dst + c, _mm256_cvtps_pd(_mm256_castps256_ps128(x)));
+      _mm256_storeu_pd(dst + c + 4, _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)));
+    }
+    for (; c < nc; ++c) {
+      const float x = src[c * col_stride];
+      bad |= (x != x) || x == -inf;
+      low = x < low ? x : low;
+      dst[c] = x;
     }
   }
   float lanes[8];
@@ -409,6 +403,9 @@ Status prepare_cost(const scalar_t* cost, int64_t row_stride, int64_t col_stride
                     int64_t nc, double* shifted, bool use_avx2) {
 #ifdef GROUP_DETR_HAVE_AVX2_SCAN
   if constexpr (std::is_same_v<scalar_t, float>) {
+    if (use_avx2 && col_stride != 1 && row_stride == 1) {  // DETR's layout, targets as rows
+      return avx2_prepare_float_transposed(cost, col_stride, nr, nc, shifted);
+    }
     if (use_avx2) return avx2_prepare_float(cost, row_stride, col_stride, nr, nc, shifted);
   }
 #endif
