@@ -151,3 +151,19 @@ def test_bench_convergence_overrides():
     for bad in (["seed=1"], ["num_groups=3"], ["no_such_field=1"], ["num_queries"]):
         with pytest.raises(SystemExit, match="FIELD=VALUE"):
             bench_convergence.parse_overrides(bad)
+
+
+def test_bench_convergence_quick_cli(tmp_path, monkeypatch):
+    """`bench_convergence.py --quick`, the CI smoke test of the whole command: data, runs, files."""
+    import bench_convergence
+
+    monkeypatch.setattr(bench_convergence, "DEMO_SYNTHETIC",
+                        {"num_train": 16, "num_val": 4, "image_size": 64, "max_objects": 2})
+    out = tmp_path / "convergence.json"
+    results = bench_convergence.main(["--quick", "--data-dir", str(tmp_path / "data"), "--out", str(out),
+                                      "--set", f"output_dir={tmp_path / 'runs'}", "max_train_images=16"])
+    assert results["quick"] and results["groups"] == [1, 3] and results["config"]["epochs"] == 2
+    assert results["jobs"] == min(len(os.sched_getaffinity(0)), 2)
+    written = json.loads(out.read_text())
+    assert [(r["num_groups"], len(r["epochs"])) for r in written["runs"]] == [(1, 2), (3, 2)]
+    assert os.path.getsize(tmp_path / written["png"]) > 0
