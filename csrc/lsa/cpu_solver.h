@@ -151,8 +151,6 @@ struct DispatchedScan {
 #endif
   }
 
-  bool use_avx2() const { return avx2; }
-
   lsa::Candidate<double> operator()(const lsa::Workspace<double>& ws, int32_t nc, int32_t i,
                                     double min_val, bool first) const {
 #ifdef GROUP_DETR_HAVE_AVX2_SCAN
@@ -403,10 +401,12 @@ Status prepare_cost(const scalar_t* cost, int64_t row_stride, int64_t col_stride
                     int64_t nc, double* shifted, bool use_avx2) {
 #ifdef GROUP_DETR_HAVE_AVX2_SCAN
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (use_avx2 && col_stride != 1 && row_stride == 1) {  // DETR's layout, targets as rows
-      return avx2_prepare_float_transposed(cost, col_stride, nr, nc, shifted);
+    if (use_avx2) {
+      if (col_stride != 1 && row_stride == 1) {  // DETR's layout, targets as rows
+        return avx2_prepare_float_transposed(cost, col_stride, nr, nc, shifted);
+      }
+      return avx2_prepare_float(cost, row_stride, col_stride, nr, nc, shifted);
     }
-    if (use_avx2) return avx2_prepare_float(cost, row_stride, col_stride, nr, nc, shifted);
   }
 #endif
   return prepare_cost_body(cost, row_stride, col_stride, nr, nc, shifted);
@@ -430,7 +430,7 @@ Status solve_one(const scalar_t* cost, int64_t stride_q, int64_t stride_t, int64
   const int64_t col_stride = targets_are_rows ? stride_q : stride_t;
 
   const Status prepared = prepare_cost(cost, row_stride, col_stride, nr, nc, tw.cost(),
-                                       scan.use_avx2());
+                                       scan.avx2);
   if (prepared != lsa::kOk) return prepared;
   const lsa::Workspace<double> ws = tw.view();
   const Status status = lsa::solve(static_cast<int32_t>(nr), static_cast<int32_t>(nc), ws, scan);

@@ -90,7 +90,7 @@ TORCH_LIBRARY_IMPL(group_detr, CPU, m) {
 // Which column scan batched_lsa runs on this machine (after GROUP_DETR_CPU_SCAN), for reports.
 TORCH_LIBRARY_FRAGMENT(group_detr, m) {
   m.def("cpu_scan_level() -> str", []() -> std::string {
-    return group_detr::cpu::DispatchedScan().use_avx2() ? "avx2" : "portable";
+    return group_detr::cpu::DispatchedScan().avx2 ? "avx2" : "portable";
   });
 }
 
