@@ -10,9 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from group_detr.assignment import _host_to_device, linear_sum_assignment, raise_for_status
-from group_detr.box_ops import box_cxcywh_to_xyxy, check_boxes, generalized_box_iou
-
-CLASS_COSTS = ("focal", "softmax")
+from group_detr.box_ops import check_boxes
+from group_detr.match_cost import CLASS_COSTS, match_cost
 
 
 def _get(mapping, *keys, what):
@@ -103,22 +102,6 @@ class GroupMatcher(nn.Module):
         self.return_device = return_device
         self.validate = validate
 
-    def class_cost_matrix(self, logits: Tensor, labels: Tensor) -> Tensor:
-        """logits `(B, Q, C)`, labels `(B, M)` -> class cost `(B, Q, M)`.
-
-        The logits are gathered at the target classes before any transcendental function, so
-        the sigmoid/log run on B*Q*M entries instead of B*Q*C.
-        """
-        if self.class_cost == "softmax":
-            prob = logits.softmax(-1)
-            return -torch.gather(prob, 2, labels[:, None, :].expand(-1, prob.shape[1], -1))
-        picked = torch.gather(logits, 2, labels[:, None, :].expand(-1, logits.shape[1], -1))
-        prob = picked.sigmoid()
-        alpha, gamma = self.focal_alpha, self.focal_gamma
-        neg = (1 - alpha) * (prob**gamma) * (-(1 - prob + 1e-8).log())
-        pos = alpha * ((1 - prob) ** gamma) * (-(prob + 1e-8).log())
-        return pos - neg
-
     @torch.no_grad()
     def cost_matrix(self, outputs, targets):
         """Padded matching cost `(B, Q, M_max)` for Q = K*N queries, and the target counts M_i."""
@@ -139,14 +122,8 @@ class GroupMatcher(nn.Module):
         labels, tgt_boxes, sizes = pad_targets(
             targets, logits.shape[-1], logits.device, validate=self.validate
         )
-        pred_boxes = pred_boxes.float()
-        tgt_boxes = tgt_boxes.to(pred_boxes.dtype)
-        cost = self.cost_class * self.class_cost_matrix(logits.float(), labels)
-        if self.cost_bbox:
-            cost = cost + self.cost_bbox * torch.cdist(pred_boxes, tgt_boxes, p=1)
-        if self.cost_giou:
-            giou = generalized_box_iou(box_cxcywh_to_xyxy(pred_boxes), box_cxcywh_to_xyxy(tgt_boxes))
-            cost = cost - self.cost_giou * giou
+        cost = match_cost(logits, pred_boxes, labels, tgt_boxes, self.cost_class, self.cost_bbox,
+                          self.cost_giou, self.class_cost, self.focal_alpha, self.focal_gamma)
         return cost, sizes
 
     @torch.no_grad()
