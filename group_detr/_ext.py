@@ -9,6 +9,8 @@ import warnings
 
 import torch
 
+from group_detr import kernels as _kernels  # triton-free: the attention kernels' status
+
 _C = None
 _LOAD_ERROR = None
 
@@ -58,14 +60,15 @@ def backends() -> dict:
     """What this install can run: {name: bool}.
 
     lsa_cpu / lsa_cuda: the compiled batched solver; scipy: the reference solver;
-    triton: the Triton package is importable; triton_cuda: the attention kernel can run on a GPU.
+    triton: the Triton package is importable; triton_cuda: the attention kernel can run on a GPU
+    (False after it failed to compile or launch here: see group_detr.kernels.disable).
     """
     return {
         "lsa_cpu": has_lsa_cpu(),
         "lsa_cuda": has_lsa_cuda(),
         "scipy": importlib.util.find_spec("scipy") is not None,
         "triton": has_triton(),
-        "triton_cuda": has_triton() and torch.cuda.is_available(),
+        "triton_cuda": has_triton() and torch.cuda.is_available() and _kernels.failure() is None,
     }
 
 

@@ -15,10 +15,10 @@ denoising prefix). Backends:
   "auto"    "triton" on CUDA when Triton is installed and supports the input, otherwise the
             cheapest reference ("folded" when possible, else "masked").
 
-This module holds no kernel code; the kernels live in kernels/ (installed as group_detr.kernels)
-and are imported lazily, so the package works without Triton.
+This module holds no kernel code: the input contract is group_detr.kernels (`check_inputs`,
+`unsupported`), the Triton launchers group_detr.kernels.grouped_attention, imported on first use
+so the package works without Triton. Imports go attention -> kernels -> layout, never back.
 """
-import importlib.util
 import math
 from typing import Optional, Tuple
 
@@ -26,53 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from group_detr import kernels
 from group_detr.layout import QueryLayout, resolve_layout
 
 BACKENDS = ("auto", "triton", "masked", "folded")
-KERNEL_HEAD_DIMS = (16, 32, 64, 128)
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-# ------------------------------------------------------------------------------------------------
-# input checks
-# ------------------------------------------------------------------------------------------------
-def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, layout: QueryLayout,
-                           dropout_p: float = 0.0, scale: Optional[float] = None) -> None:
-    """Raise TypeError / ValueError with a clear message for inputs no backend accepts."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must have shape (B, H, L, D), got {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if not isinstance(layout, QueryLayout):
-        raise TypeError(f"layout must be a QueryLayout, got {type(layout).__name__}")
-    if not (q.shape == k.shape == v.shape):
-        raise ValueError(
-            f"q, k and v must have the same shape (B, H, L, D), got {tuple(q.shape)}, "
-            f"{tuple(k.shape)} and {tuple(v.shape)}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k and v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(
-            f"q, k and v must be on the same device, got {q.device}, {k.device}, {v.device}")
-    layout.check_length(q.shape[2], what="q.shape[2] (L)")
-    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
-    if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
-        raise ValueError(f"scale must be a positive float or None, got {scale!r}")
-
-
-def check_kernel_support(q: Tensor) -> None:
-    """Raise ValueError / TypeError when the Triton kernel cannot take q `(B, H, L, D)`: its
-    head_dim or dtype is not one the kernels are built for."""
-    if q.shape[-1] not in KERNEL_HEAD_DIMS:
-        raise ValueError(
-            f"the Triton kernel supports head_dim in {KERNEL_HEAD_DIMS}, got {q.shape[-1]} "
-            "(use backend='masked' or 'folded')")
-    if q.dtype not in KERNEL_DTYPES:
-        raise TypeError(f"the Triton kernel supports dtypes {KERNEL_DTYPES}, got {q.dtype}")
 
 
 def _default_scale(head_dim: int, scale: Optional[float]) -> float:
@@ -172,20 +129,37 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
 # ------------------------------------------------------------------------------------------------
 # the custom op: reference math as the default implementation, Triton on CUDA
 # ------------------------------------------------------------------------------------------------
-def _layout_args(layout: QueryLayout):
+def _op_args(layout: QueryLayout) -> tuple:
+    """The layout as the op's five scalar arguments (custom ops take no dataclasses), in the
+    order of QueryLayout's fields: `QueryLayout(*_op_args(layout)) == layout`."""
     return (layout.num_groups, layout.queries_per_group, layout.num_denoising,
             layout.denoising_groups, layout.denoising_sees)
 
 
-def _kernels():
-    """The Triton kernel module, imported on first use so the package imports without Triton."""
-    try:
-        from group_detr.kernels import grouped_attention as kernels
-    except ImportError as exc:
-        raise RuntimeError(
-            "the 'triton' backend on CUDA needs the triton package and group_detr.kernels "
-            f"(pip install triton; install group-detr with pip): {exc}") from exc
-    return kernels
+def _triton_kernels():
+    """The Triton launchers, imported on first use so the package imports without Triton."""
+    from group_detr.kernels import grouped_attention as launchers
+    return launchers
+
+
+def _runs_kernels(q: Tensor) -> bool:
+    """Whether the op runs the Triton kernels on q (CUDA, a supported head_dim and dtype, and
+    they have not failed in this process) or the reference math (any other input)."""
+    return kernels.unsupported(q) is None and kernels.failure() is None
+
+
+def _kernels_or_reference(q: Tensor, run_kernels, run_reference):
+    """run_kernels() where the kernels run, else run_reference(). A kernel that fails to compile
+    or launch (never run on a GPU of this kind before) turns the kernels off with one warning and
+    the reference answers, so a user's training run goes on. The reference's lse is the kernels'
+    (natural-log, float32), so a backward may fall back after a kernel forward; with dropout that
+    one step's backward draws another mask."""
+    if _runs_kernels(q):
+        try:
+            return run_kernels()
+        except Exception as error:  # noqa: BLE001  (any compile / launch error: see docstring)
+            kernels.disable(error)
+    return run_reference()
 
 
 @torch.library.custom_op("group_detr::grouped_attention_fwd", mutates_args=())
@@ -195,20 +169,14 @@ def _grouped_attention_fwd(q: Tensor, k: Tensor, v: Tensor, seed: Tensor, num_gr
                            scale: float) -> Tuple[Tensor, Tensor]:
     layout = QueryLayout(num_groups, queries_per_group, num_denoising, denoising_groups,
                          denoising_sees)
-    return reference_forward(q, k, v, layout, dropout_p, scale, int(seed))
-
-
-@_grouped_attention_fwd.register_kernel("cuda")
-def _grouped_attention_fwd_cuda(q, k, v, seed, num_groups, queries_per_group, num_denoising,
-                                denoising_groups, denoising_sees, dropout_p, scale):
-    layout = QueryLayout(num_groups, queries_per_group, num_denoising, denoising_groups,
-                         denoising_sees)
-    return _kernels().forward(q, k, v, layout, scale=scale, dropout_p=dropout_p, seed=int(seed))
+    return _kernels_or_reference(
+        q, lambda: _triton_kernels().forward(q, k, v, layout, scale=scale, dropout_p=dropout_p,
+                                             seed=int(seed)),
+        lambda: reference_forward(q, k, v, layout, dropout_p, scale, int(seed)))
 
 
 @_grouped_attention_fwd.register_fake
-def _(q, k, v, seed, num_groups, queries_per_group, num_denoising, denoising_groups,
-      denoising_sees, dropout_p, scale):
+def _(q, k, v, seed, *layout_and_options):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=_lse_dtype(q.dtype))
 
 
@@ -219,16 +187,10 @@ def _grouped_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, ou
                            dropout_p: float, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
     layout = QueryLayout(num_groups, queries_per_group, num_denoising, denoising_groups,
                          denoising_sees)
-    return reference_backward(grad_out, q, k, v, lse, layout, dropout_p, scale, int(seed))
-
-
-@_grouped_attention_bwd.register_kernel("cuda")
-def _grouped_attention_bwd_cuda(grad_out, q, k, v, out, lse, seed, num_groups, queries_per_group,
-                                num_denoising, denoising_groups, denoising_sees, dropout_p, scale):
-    layout = QueryLayout(num_groups, queries_per_group, num_denoising, denoising_groups,
-                         denoising_sees)
-    return _kernels().backward(grad_out, q, k, v, out, lse, layout, scale=scale,
-                               dropout_p=dropout_p, seed=int(seed))
+    return _kernels_or_reference(
+        q, lambda: _triton_kernels().backward(grad_out, q, k, v, out, lse, layout, scale=scale,
+                                              dropout_p=dropout_p, seed=int(seed)),
+        lambda: reference_backward(grad_out, q, k, v, lse, layout, dropout_p, scale, int(seed)))
 
 
 @_grouped_attention_bwd.register_fake
@@ -259,7 +221,7 @@ def _op_attention(q, k, v, layout, dropout_p, scale):
         seed = torch.randint(0, 2 ** 62, (), dtype=torch.int64)
     else:
         seed = torch.zeros((), dtype=torch.int64)
-    out, _ = _grouped_attention_fwd(q, k, v, seed, *_layout_args(layout), float(dropout_p),
+    out, _ = _grouped_attention_fwd(q, k, v, seed, *_op_args(layout), float(dropout_p),
                                     float(scale))
     return out
 
@@ -267,20 +229,13 @@ def _op_attention(q, k, v, layout, dropout_p, scale):
 # ------------------------------------------------------------------------------------------------
 # dispatch
 # ------------------------------------------------------------------------------------------------
-def triton_supports(q: Tensor) -> bool:
-    """Whether the Triton kernel can run on q `(B, H, L, D)`: CUDA, Triton installed, a supported
-    head_dim and dtype."""
-    return (q.is_cuda and q.shape[-1] in KERNEL_HEAD_DIMS and q.dtype in KERNEL_DTYPES
-            and importlib.util.find_spec("triton") is not None)
-
-
 def select_backend(q: Tensor, layout: QueryLayout, backend: str = "auto") -> str:
     """The concrete backend `grouped_attention` runs for these inputs."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
         return backend
-    if triton_supports(q):
+    if _runs_kernels(q):
         return "triton"
     return "folded" if layout.is_equal_groups else "masked"
 
@@ -300,14 +255,14 @@ def grouped_attention(q: Tensor, k: Tensor, v: Tensor, layout: QueryLayout,
     Returns:
         `(B, H, L, D)`, q's dtype.
     """
-    check_attention_inputs(q, k, v, layout, dropout_p, scale)
+    kernels.check_inputs(q, k, v, layout, dropout_p, scale)
     backend = select_backend(q, layout, backend)
     if backend == "masked":
         return masked_attention(q, k, v, layout, dropout_p, scale)
     if backend == "folded":
         return folded_attention(q, k, v, layout, dropout_p, scale)
-    if q.is_cuda:  # the CPU implementation of the op is the reference math: any head_dim
-        check_kernel_support(q)
+    if q.is_cuda:  # on other devices the op runs the reference math: any head_dim and dtype
+        kernels.check_supported(q)
     return _op_attention(q, k, v, layout, dropout_p, _default_scale(q.shape[-1], scale))
 
 

@@ -187,29 +187,6 @@ class QueryLayout:
             for j, seen in enumerate(row) if seen)
         return visible / self.total_queries ** 2
 
-    def visible_key_blocks(self, block_size: int) -> Tuple[Tuple[int, ...], ...]:
-        """For each query block of `block_size` rows (a grid over all L positions), the indices
-        of the key blocks that hold at least one key visible to at least one of its queries.
-
-        The number of entries is the work a blocked kernel on a global grid would do; the kernel
-        in group_detr.kernels aligns its query tiles to segments instead, so no tile straddles
-        two groups (see `visible_key_ranges`).
-        """
-        if isinstance(block_size, bool) or not isinstance(block_size, Integral) or block_size < 1:
-            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-        segments, key_ranges = self.segments, self.visible_key_ranges()
-        num_blocks = -(-self.total_queries // block_size)
-        result = []
-        for qb in range(num_blocks):
-            q_start, q_end = qb * block_size, min((qb + 1) * block_size, self.total_queries)
-            blocks = set()
-            for seg, (s_start, s_end) in enumerate(segments):
-                if s_start < q_end and q_start < s_end:  # segment overlaps the query block
-                    for k_start, k_end in key_ranges[seg]:
-                        blocks.update(range(k_start // block_size, (k_end - 1) // block_size + 1))
-            result.append(tuple(sorted(blocks)))
-        return tuple(result)
-
     def check_length(self, length: int, what: str = "sequence length") -> None:
         """Raise ValueError unless `length` equals `total_queries`."""
         if length != self.total_queries:

@@ -2,12 +2,15 @@
 validation and GroupedSelfAttention as a drop-in for nn.MultiheadAttention. CPU only; the Triton
 kernels are tested in test_attention_kernels.py."""
 import math
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import group_detr
+from group_detr import attention, kernels
 from group_detr.attention import (
     GroupedSelfAttention, dropout_keep_mask_reference, folded_attention, grouped_attention,
     masked_attention, reference_backward, reference_forward, select_backend)
@@ -104,6 +107,44 @@ def test_auto_picks_the_cheapest_reference_on_cpu():
     assert select_backend(q, EQUAL, "masked") == "masked"
     with pytest.raises(ValueError, match="backend must be one of"):
         select_backend(q, EQUAL, "flash")
+
+
+def test_kernel_failure_falls_back_to_the_reference_with_one_warning(monkeypatch):
+    """A Triton kernel that fails to compile or launch on the user's GPU (simulated: the inputs
+    pass for kernel-ready and the launcher raises) does not end the run: one RuntimeWarning, the
+    reference answers (values and gradients), "auto" stops picking "triton", and backends()
+    says the kernel is off."""
+    calls = []
+
+    class BrokenLaunchers:
+        @staticmethod
+        def forward(*args, **kwargs):
+            calls.append("forward")
+            raise RuntimeError("PTXASError: ptxas fatal: out of resources (simulated)")
+
+    monkeypatch.setattr(kernels, "_failure", None)
+    monkeypatch.setattr(kernels, "unsupported", lambda q: None)  # as if q were a CUDA tensor
+    monkeypatch.setattr(attention, "_triton_kernels", lambda: BrokenLaunchers)
+    layout = DENOISING
+    q, k, v = qkv(layout, dtype=torch.float32, grad=True)
+    assert select_backend(q, layout) == "triton"
+    with pytest.warns(RuntimeWarning, match="kernel failed on this machine .*PTXASError.* falls "
+                                            "back to the reference"):
+        out = grouped_attention(q, k, v, layout, backend="triton")
+    assert calls == ["forward"] and "PTXASError" in kernels.failure()
+    q2, k2, v2 = (t.detach().requires_grad_() for t in (q, k, v))
+    torch.testing.assert_close(out, masked_attention(q2, k2, v2, layout))
+    grad_out = torch.randn_like(out)
+    for a, e in zip(torch.autograd.grad(out, (q, k, v), grad_out),
+                    torch.autograd.grad(masked_attention(q2, k2, v2, layout), (q2, k2, v2),
+                                        grad_out)):
+        torch.testing.assert_close(a, e)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning, no second attempt
+        grouped_attention(q, k, v, layout, backend="triton")
+    assert calls == ["forward"]
+    assert select_backend(q, layout) == "masked"
+    assert group_detr.backends()["triton_cuda"] is False
 
 
 def test_op_gradcheck_float64_with_dropout():

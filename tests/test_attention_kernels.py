@@ -29,6 +29,8 @@ if not CUDA and not (CAN_INTERPRET and kernels.INTERPRETED):
                 allow_module_level=True)
 
 from conftest import requires_cuda  # noqa: E402
+from group_detr import attention  # noqa: E402
+from group_detr import kernels as contract  # noqa: E402
 from group_detr.attention import grouped_attention, masked_attention  # noqa: E402
 from group_detr.layout import QueryLayout  # noqa: E402
 
@@ -192,10 +194,19 @@ def test_batches_heads_and_any_strides():
     assert_matches((out, lse) + grads, reference(q, k, v, grad_out, layout), torch.float32)
 
 
-def test_autograd_function():
+def test_custom_op_runs_the_kernels_with_autograd(monkeypatch):
+    """grouped_attention(backend="triton") through the registered custom op and its autograd
+    formula, with the op sent to the kernels on this device (on CPU: interpreted). The reference
+    math raises, so a kernel failure cannot pass for the fallback."""
+    def no_reference(*args, **kwargs):
+        raise AssertionError("the op ran the reference math, not the kernels")
+
+    monkeypatch.setattr(attention, "_runs_kernels", lambda q: True)
+    monkeypatch.setattr(attention, "reference_forward", no_reference)
+    monkeypatch.setattr(attention, "reference_backward", no_reference)
     layout = DINO
     q, k, v = (t.detach().requires_grad_() for t in random_qkv(layout, batch=2, seed=3))
-    out = kernels.grouped_attention(q, k, v, layout, scale=0.2)
+    out = grouped_attention(q, k, v, layout, scale=0.2, backend="triton")
     grad_out = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), grad_out)
     expected = reference(q, k, v, grad_out, layout, scale=0.2)
@@ -279,25 +290,19 @@ def test_dropout_forward_and_backward_match_reference_with_the_kernel_mask(layou
 # ------------------------------------------------------------------------------------------------
 # bad input
 # ------------------------------------------------------------------------------------------------
-def test_bad_inputs():
+def test_unsupported_inputs_and_bad_buffers():
+    """What the kernels take beyond the checks every backend makes (group_detr.kernels, tested
+    through grouped_attention in test_attention.py), and the launchers' own output buffers."""
     layout = EQUAL
     q, k, v = (torch.randn(1, 2, layout.total_queries, 32, device=DEVICE) for _ in range(3))
-    short = q[:, :, :-1]
-    with pytest.raises(ValueError, match=r"q.shape\[2\] \(L\) is 73 but the layout has 74"):
-        kernels.forward(short, short, short, layout)
-    with pytest.raises(ValueError, match="q, k and v must have the same shape"):
-        kernels.forward(q, k[:, :1], v, layout)
-    with pytest.raises(TypeError, match="q, k and v must have the same dtype"):
-        kernels.forward(q, k.half(), v, layout)
-    with pytest.raises(ValueError, match="q, k and v must be on the same device"):
-        kernels.forward(q, k.to("meta"), v, layout)
     q48 = torch.randn(1, 2, layout.total_queries, 48, device=DEVICE)
     with pytest.raises(ValueError, match=r"supports head_dim in \(16, 32, 64, 128\), got 48"):
-        kernels.forward(q48, q48, q48, layout)
+        contract.check_supported(q48)
     with pytest.raises(TypeError, match="supports dtypes .* got torch.float64"):
-        kernels.forward(q.double(), k.double(), v.double(), layout)
-    with pytest.raises(ValueError, match="dropout_p must be a float in"):
-        kernels.forward(q, k, v, layout, dropout_p=1.0)
+        contract.check_supported(q.double())
+    if not CUDA:
+        with pytest.raises(ValueError, match="needs CUDA tensors, got cpu"):
+            contract.check_supported(q)
     with pytest.raises(ValueError, match=r"out must be a torch.float32 tensor of shape"):
         kernels.forward(q, k, v, layout, out=torch.empty_like(q)[:, :1])
     with pytest.raises(ValueError, match="lse must be contiguous"):

@@ -74,21 +74,6 @@ def test_segments_tile_the_sequence_and_ranges_match_the_mask(layout):
         assert torch.equal(mask[:, start:end], from_ranges[:, None].expand(-1, end - start)), seg
 
 
-@settings(max_examples=40, deadline=None)
-@given(layouts, st.integers(1, 9))
-def test_visible_key_blocks_match_the_mask(layout, block_size):
-    mask = layout.dense_mask()
-    length = layout.total_queries
-    num_blocks = -(-length // block_size)
-    padded = torch.zeros(num_blocks * block_size, num_blocks * block_size, dtype=torch.bool)
-    padded[:length, :length] = mask
-    any_visible = padded.view(num_blocks, block_size, num_blocks, block_size).any(3).any(1)
-    blocks = layout.visible_key_blocks(block_size)
-    assert len(blocks) == num_blocks
-    for qb in range(num_blocks):
-        assert blocks[qb] == tuple(any_visible[qb].nonzero().flatten().tolist())
-
-
 def test_dino_mask_for_one_matching_group():
     # DINO's prepare_for_cdn (dn_components.py), True = masked out, dn groups of 2*max_targets
     num_queries, single_pad, scalar = 9, 4, 3
@@ -162,7 +147,3 @@ def test_validation(kwargs, error, message):
     with pytest.raises(error, match=message):
         QueryLayout(**kwargs)
 
-
-def test_visible_key_blocks_rejects_bad_block_size():
-    with pytest.raises(ValueError, match="block_size must be a positive int"):
-        QueryLayout(2, 3).visible_key_blocks(0)

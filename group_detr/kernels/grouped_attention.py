@@ -24,6 +24,10 @@ for tests.
 On CPU tensors the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set before
 triton is imported); there `tl.dot` is computed in float32 (the interpreter's bf16 dot is wrong)
 and nothing is autotuned.
+
+The launchers `forward` / `backward` are the kernels' only entry points; autograd, dispatch and
+input checks belong to their one caller, the custom op `torch.ops.group_detr.grouped_attention_fwd`
+of group_detr.attention.
 """
 import functools
 import math
@@ -34,7 +38,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from group_detr.attention import check_attention_inputs, check_kernel_support
 from group_detr.layout import QueryLayout
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * LOG2E): the kernels work in the exp2 domain
@@ -334,11 +337,7 @@ def schedule(layout: QueryLayout, tile: int, transpose: bool, device: torch.devi
 # ------------------------------------------------------------------------------------------------
 # launchers
 # ------------------------------------------------------------------------------------------------
-def check_kernel_inputs(q: Tensor, k: Tensor, v: Tensor, layout: QueryLayout,
-                        dropout_p: float = 0.0, scale: Optional[float] = None) -> None:
-    """The checks of grouped_attention, plus what the kernels themselves support."""
-    check_attention_inputs(q, k, v, layout, dropout_p, scale)
-    check_kernel_support(q)
+def _check_device(q: Tensor) -> None:
     if q.device.type != "cuda" and not INTERPRETED:
         raise ValueError(
             f"the Triton kernel needs CUDA tensors, got {q.device} (set TRITON_INTERPRET=1 "
@@ -376,9 +375,11 @@ def forward(q: Tensor, k: Tensor, v: Tensor, layout: QueryLayout, scale: Optiona
     natural-log log-sum-exp of each row's scaled, visible scores (what `backward` needs).
 
     `out` (any strides with a unit last dimension) and `lse` (contiguous) may be given: tests pass
-    views into sentinel-filled buffers to catch stray writes.
+    views into sentinel-filled buffers to catch stray writes. q, k, v are taken as
+    `group_detr.kernels.check_inputs` and `check_supported` let them through (the caller, the
+    custom op of group_detr.attention, checks them once); only the buffers are checked here.
     """
-    check_kernel_inputs(q, k, v, layout, dropout_p, scale)
+    _check_device(q)
     batch, heads, length, head_dim = q.shape
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     q, k, v = (_dense_last_dim(t) for t in (q, k, v))
@@ -404,7 +405,7 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
     """Gradients of `forward` (same layout, scale, dropout_p and seed): dQ, dK, dV, each
     `(B, H, L, D)` in q's dtype. grad_out and out `(B, H, L, D)`, lse `(B, H, L)` from `forward`.
     `grad_q` / `grad_k` / `grad_v` may be given, as `out` in `forward`."""
-    check_kernel_inputs(q, k, v, layout, dropout_p, scale)
+    _check_device(q)
     for name, t, shape in (("grad_out", grad_out, q.shape), ("out", out, q.shape),
                            ("lse", lse, q.shape[:3])):
         if t.shape != shape or t.device != q.device:
@@ -456,31 +457,3 @@ def dropout_keep_mask(batch: int, heads: int, length: int, dropout_p: float, see
     grid = (triton.cdiv(length, block), triton.cdiv(length, block), batch * heads)
     _dropout_mask_kernel[grid](keep, heads, length, float(dropout_p), int(seed), BLOCK=block)
     return keep.bool()
-
-
-class GroupedAttention(torch.autograd.Function):
-    """Thin autograd wrapper around `forward` / `backward` (eager use and tests; the custom op
-    `torch.ops.group_detr.grouped_attention_fwd` is the path for torch.compile)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, layout, scale, dropout_p, seed):
-        out, lse = forward(q, k, v, layout, scale=scale, dropout_p=dropout_p, seed=seed)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.layout, ctx.scale, ctx.dropout_p, ctx.seed = layout, scale, dropout_p, seed
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, out, lse = ctx.saved_tensors
-        grads = backward(grad_out, q, k, v, out, lse, ctx.layout, scale=ctx.scale,
-                         dropout_p=ctx.dropout_p, seed=ctx.seed)
-        return (*grads, None, None, None, None)
-
-
-def grouped_attention(q: Tensor, k: Tensor, v: Tensor, layout: QueryLayout,
-                      dropout_p: float = 0.0, scale: Optional[float] = None,
-                      seed: Optional[int] = None) -> Tensor:
-    """The Triton kernels with autograd; `seed=None` draws one from torch's CPU generator."""
-    if seed is None:
-        seed = int(torch.randint(0, 2 ** 62, ())) if dropout_p > 0.0 else 0
-    return GroupedAttention.apply(q, k, v, layout, scale, dropout_p, seed)
