@@ -1,4 +1,4 @@
-// The op schema shared by the CPU and CUDA implementations, and the Python module that loads it.
+// The op schemas shared by the CPU and CUDA implementations, and the module that loads them.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -10,6 +10,12 @@ TORCH_LIBRARY(group_detr, m) {
   m.def(
       "batched_lsa_warp_emulated(Tensor cost, Tensor num_targets, bool reverse_lanes=False, "
       "bool stage=False) -> (Tensor, Tensor)");
+  // DETR's matching cost (B, Q, M) from logits (B, Q, C), boxes (B, Q, 4) cxcywh and padded
+  // targets: labels (B, M) int64, boxes (B, M, 4) cxcywh (csrc/cost/match_cost_cpu.cpp).
+  m.def(
+      "match_cost(Tensor logits, Tensor pred_boxes, Tensor labels, Tensor target_boxes, "
+      "float cost_class, float cost_bbox, float cost_giou, str class_cost, float focal_alpha, "
+      "float focal_gamma) -> Tensor");
 }
 
 // Importing group_detr._C runs the static registrations above; the module itself is empty.

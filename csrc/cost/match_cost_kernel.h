@@ -1,0 +1,117 @@
+// The fused matching cost without torch: per-image targets in structure-of-arrays form and the
+// row kernel (cost_row.inc) instantiated for plain floats and, on x86-64, for AVX2 (chosen at
+// run time, so one binary runs on any x86-64). match_cost_cpu.cpp wraps it as the op; keeping
+// it free of torch headers lets it be compiled and profiled on its own.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define GROUP_DETR_HAVE_AVX2_COST 1
+#include <immintrin.h>
+#endif
+
+namespace group_detr {
+namespace cost {
+
+struct CostParams {
+  float w_class, w_bbox, w_giou;
+  bool use_bbox, use_giou;  // a zero weight skips its term, as the reference does
+  bool softmax;             // else focal
+  float alpha, one_minus_alpha, gamma;
+  bool gamma_is_two;
+};
+
+// The targets of one image, each array `padded` (a multiple of 8) long: cxcywh for the L1 term,
+// xyxy corners and area for GIoU, computed as box_ops computes them.
+struct TargetsSoA {
+  const float *cx, *cy, *w, *h, *x0, *y0, *x1, *y1, *area;
+  int64_t padded;
+};
+
+constexpr int64_t kMaxWidth = 8;
+
+// Scalar build: V is float, masks are bools.
+namespace portable {
+using V = float;
+using Mask = bool;
+constexpr int kWidth = 1;
+inline V set1(float x) { return x; }
+inline V load(const float* p) { return *p; }
+inline void store(float* p, V x) { *p = x; }
+// The semantics of x86's minps/maxps: the second operand when the comparison is false (NaN).
+inline V min_(V a, V b) { return a < b ? a : b; }
+inline V max_(V a, V b) { return a > b ? a : b; }
+inline V abs_(V a) { return std::fabs(a); }
+inline V floor_(V a) { return std::floor(a); }
+inline V select(Mask m, V a, V b) { return m ? a : b; }
+inline Mask lt(V a, V b) { return a < b; }
+inline Mask gt(V a, V b) { return a > b; }
+inline Mask eq(V a, V b) { return a == b; }
+inline Mask is_nan(V a) { return a != a; }
+// 2^n for an integer-valued n in [-126, 127].
+inline V pow2n(V n) {
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float out;
+  std::memcpy(&out, &bits, sizeof out);
+  return out;
+}
+// x = m * 2^e with m in [0.5, 1), for a positive normal x.
+inline void split_exponent(V x, V* e, V* m) {
+  int32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  *e = static_cast<float>(((bits >> 23) & 0xff) - 126);
+  bits = (bits & ~(0xff << 23)) | (126 << 23);
+  std::memcpy(m, &bits, sizeof bits);
+}
+#include "cost/cost_row.inc"
+}  // namespace portable
+
+#ifdef GROUP_DETR_HAVE_AVX2_COST
+#pragma GCC push_options
+#pragma GCC target("avx2")
+// AVX2 build: 8 floats per V; every function here is compiled for AVX2 alone.
+namespace avx2 {
+struct V {
+  __m256 v;
+};
+using Mask = V;
+constexpr int kWidth = 8;
+inline V set1(float x) { return {_mm256_set1_ps(x)}; }
+inline V load(const float* p) { return {_mm256_loadu_ps(p)}; }
+inline void store(float* p, V x) { _mm256_storeu_ps(p, x.v); }
+inline V operator+(V a, V b) { return {_mm256_add_ps(a.v, b.v)}; }
+inline V operator-(V a, V b) { return {_mm256_sub_ps(a.v, b.v)}; }
+inline V operator*(V a, V b) { return {_mm256_mul_ps(a.v, b.v)}; }
+inline V operator/(V a, V b) { return {_mm256_div_ps(a.v, b.v)}; }
+inline V min_(V a, V b) { return {_mm256_min_ps(a.v, b.v)}; }
+inline V max_(V a, V b) { return {_mm256_max_ps(a.v, b.v)}; }
+inline V abs_(V a) { return {_mm256_andnot_ps(_mm256_set1_ps(-0.0f), a.v)}; }
+inline V floor_(V a) { return {_mm256_floor_ps(a.v)}; }
+inline V select(Mask m, V a, V b) { return {_mm256_blendv_ps(b.v, a.v, m.v)}; }
+inline Mask lt(V a, V b) { return {_mm256_cmp_ps(a.v, b.v, _CMP_LT_OQ)}; }
+inline Mask gt(V a, V b) { return {_mm256_cmp_ps(a.v, b.v, _CMP_GT_OQ)}; }
+inline Mask eq(V a, V b) { return {_mm256_cmp_ps(a.v, b.v, _CMP_EQ_OQ)}; }
+inline Mask is_nan(V a) { return {_mm256_cmp_ps(a.v, a.v, _CMP_UNORD_Q)}; }
+inline V pow2n(V n) {
+  const __m256i bits = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvttps_epi32(n.v), _mm256_set1_epi32(127)), 23);
+  return {_mm256_castsi256_ps(bits)};
+}
+inline void split_exponent(V x, V* e, V* m) {
+  const __m256i bits = _mm256_castps_si256(x.v);
+  const __m256i exponent = _mm256_and_si256(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(0xff));
+  e->v = _mm256_cvtepi32_ps(_mm256_sub_epi32(exponent, _mm256_set1_epi32(126)));
+  m->v = _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(bits, _mm256_set1_epi32(~(0xff << 23))),
+                                             _mm256_set1_epi32(126 << 23)));
+}
+#include "cost/cost_row.inc"
+}  // namespace avx2
+#pragma GCC pop_options
+#endif
+
+}  // namespace cost
+}  // namespace group_detr
