@@ -4,6 +4,22 @@ All problems of a padded `(P, Q, T)` cost tensor are solved in one call. The com
 (`torch.ops.group_detr.batched_lsa`, csrc/lsa/) runs the same shortest-augmenting-path algorithm
 as scipy (Crouse 2016), in float64, with scipy's own scan and tie order, so that assignments are
 identical to scipy's, not merely of equal cost.
+
+Non-finite costs, the one rule (`validate`):
+  * validate=True: a NaN or -inf among a problem's valid entries, an infeasible problem (no
+    complete assignment of finite cost) and num_targets outside [0, T] raise ValueError naming
+    the first bad problem, on every backend. (scipy, DETR and transformers raise ValueError too
+    for NaN/infeasible costs; DETR-family matchers' own target checks raise AssertionError or
+    IndexError where ours raise ValueError/TypeError.)
+  * validate=False: every non-finite entry (NaN, -inf, +inf) of problem p is replaced, on the
+    device and without synchronisation (`sanitize_cost`), by one finite cost R_p above the
+    problem's finite range, so large that the solution uses as few non-finite pairs as possible
+    and, among those, has the least finite cost: where a complete assignment avoiding every
+    non-finite pair exists, it is the one returned (the same as validate=True would give). Every
+    problem therefore comes back completely matched with indices in range; no row of -1 appears
+    for a bad problem. Where the status is free to read (it is on the host: the "cpu" and
+    "scipy" backends on CPU tensors) it is still checked, so out-of-range num_targets raise there;
+    on CUDA it is not read (a problem with bad num_targets comes back as a row of -1).
 """
 import numpy as np
 import torch
@@ -11,9 +27,11 @@ from torch import Tensor
 
 from group_detr import _ext
 
-# "cpu_warp_emulated": the CUDA solver's warp-parallel code run on the CPU with emulated lanes
-# (csrc/lsa/warp_scan.h); for tests on machines without a GPU, slower than "cpu".
-BACKENDS = ("auto", "cpu", "cuda", "scipy", "cpu_warp_emulated")
+BACKENDS = ("auto", "cpu", "cuda", "scipy")
+# The CUDA solver's warp-parallel code run on the CPU with emulated lanes (csrc/lsa/warp_scan.h):
+# for tests on machines without a GPU, slower than "cpu"; reached only through
+# `_linear_sum_assignment_warp_emulated`, not a backend users pick.
+_WARP_EMULATED = "cpu_warp_emulated"
 
 # Per-problem status codes written by the compiled solver (csrc/lsa/solver.h: LsaStatus).
 STATUS_OK = 0
@@ -63,8 +81,6 @@ def _host_to_device(tensor: Tensor, device) -> Tensor:
 
 
 def _resolve_backend(backend, device):
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         if device.type == "cuda" and _ext.has_lsa_cuda():
             return "cuda"
@@ -76,8 +92,8 @@ def _resolve_backend(backend, device):
             raise RuntimeError("backend='cuda' requested but group_detr._C was built without CUDA")
     if backend == "cpu" and not _ext.has_lsa_cpu():
         raise RuntimeError("backend='cpu' requested but group_detr._C is not built")
-    if backend == "cpu_warp_emulated" and not _ext.has_lsa_warp_emulated():
-        raise RuntimeError("backend='cpu_warp_emulated' needs group_detr._C built with that op")
+    if backend == _WARP_EMULATED and not _ext.has_lsa_warp_emulated():
+        raise RuntimeError("the warp-emulated solver needs group_detr._C built with that op")
     return backend
 
 
@@ -131,6 +147,35 @@ def _solve_scipy(cost: Tensor, num_targets: Tensor) -> Tensor:
     return matched.to(cost.device)
 
 
+def sanitize_cost(cost: Tensor, num_targets: Tensor) -> Tensor:
+    """validate=False's rule: every non-finite entry of problem p becomes one finite cost R_p.
+
+    cost `(P, Q, T)` float32/float64, num_targets `(P,)` on the cost's device -> `(P, Q, T)`,
+    finite entries unchanged (bitwise). With lo_p, hi_p the least and largest finite valid
+    entries, span_p = hi_p - lo_p and n_p = min(Q, num_targets[p]) pairs to match,
+    R_p = hi_p + (n_p + 1) * span_p + max(|lo_p|, |hi_p|, 1): any assignment with one non-finite
+    pair fewer is cheaper (R_p - lo_p > n_p * span_p), so non-finite pairs are used only where no
+    assignment avoids them. Clamped to the dtype's largest finite value. Only device ops: nothing
+    synchronises with the host.
+    """
+    num_problems, num_queries, num_cols = cost.shape
+    if cost.numel() == 0:
+        return cost
+    finite = torch.isfinite(cost)
+    valid = torch.arange(num_cols, device=cost.device) < num_targets[:, None].to(torch.int64)
+    usable = finite & valid[:, None, :]
+    hi = torch.where(usable, cost, float("-inf")).amax(dim=(1, 2))
+    lo = torch.where(usable, cost, float("inf")).amin(dim=(1, 2))
+    none_finite = ~torch.isfinite(hi)  # every valid entry non-finite (or no valid column)
+    hi = hi.masked_fill(none_finite, 0.0)
+    lo = lo.masked_fill(none_finite, 0.0)
+    pairs = num_targets.to(cost.dtype).clamp(0, num_queries)
+    magnitude = torch.maximum(hi.abs(), lo.abs()).clamp(min=1.0)
+    replacement = hi + (pairs + 1) * (hi - lo) + magnitude
+    replacement = replacement.clamp(max=torch.finfo(cost.dtype).max)  # inf -> largest finite
+    return torch.where(finite, cost, replacement[:, None, None])
+
+
 def linear_sum_assignment(
     cost: Tensor,
     num_targets=None,
@@ -147,35 +192,55 @@ def linear_sum_assignment(
             columns `>= num_targets[p]` are padding. Default: all T columns are valid.
         backend: "auto" (compiled solver of the cost's device, else scipy), "cpu", "cuda" or
             "scipy" (the reference path: one scipy call per problem).
-        validate: raise ValueError for NaN/-inf costs, infeasible problems and out-of-range
-            num_targets. With validate=False nothing synchronises with the host (CUDA-graph
-            capture); failed problems then come back as rows of -1.
+        validate: True: raise ValueError for NaN/-inf costs, infeasible problems and
+            out-of-range num_targets. False: non-finite costs are replaced by the module's rule
+            (`sanitize_cost`: non-finite pairs are used only where unavoidable) and nothing
+            synchronises with the host on CUDA (CUDA-graph capture); on CPU tensors the status
+            is still read (it costs nothing there) and bad num_targets still raise.
         return_status: return `(matched, status)` instead, status `(P,)` int32 per problem
-            (STATUS_*, None for the scipy backend, which raises itself), unvalidated, so that a
+            (STATUS_*, None for the scipy backend, which raises itself), unchecked, so that a
             caller can fetch it with its own results in one copy (GroupMatcher does).
 
     Returns:
         `(P, T)` int64 on the cost's device: the query assigned to each target column, -1 for
         padding columns and for targets left unmatched when a problem has more targets than
         queries. The total cost is minimal and the assignment equals scipy's.
+
+    Raises:
+        ValueError / TypeError for bad shapes, dtypes, backends and (validate=True) costs; where
+        scipy raises ValueError for an infeasible or NaN cost, so do we, with the problem's index.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return _assign(cost, num_targets, backend, validate, return_status)
+
+
+def _linear_sum_assignment_warp_emulated(cost: Tensor, num_targets=None, validate: bool = True):
+    """`linear_sum_assignment` through the CUDA solver's code with emulated lanes (tests only)."""
+    return _assign(cost, num_targets, _WARP_EMULATED, validate, return_status=False)
+
+
+def _assign(cost, num_targets, backend, validate, return_status):
+    num_targets = _check_inputs(cost, num_targets)
+    backend = _resolve_backend(backend, cost.device)
+    if cost.dtype in (torch.float16, torch.bfloat16):
+        cost = cost.float()
+    if not validate:
+        cost = sanitize_cost(cost, num_targets)
     matched, status = _solve(cost, num_targets, backend)
     if return_status:
         return matched, status
-    if validate and status is not None:
+    if status is not None and (validate or status.device.type == "cpu"):
         raise_for_status(status)
     return matched
 
 
-def _solve(cost: Tensor, num_targets, backend: str):
-    """`(matched, status)` without validation; nothing synchronises with the host on CUDA."""
-    num_targets = _check_inputs(cost, num_targets)
-    backend = _resolve_backend(backend, cost.device)
+def _solve(cost: Tensor, num_targets: Tensor, backend: str):
+    """`(matched, status)` of checked inputs and a resolved backend, unvalidated; nothing
+    synchronises with the host on CUDA."""
     if backend == "scipy":
         return _solve_scipy(cost, num_targets), None
-    if cost.dtype in (torch.float16, torch.bfloat16):
-        cost = cost.float()
-    if backend == "cpu_warp_emulated":
+    if backend == _WARP_EMULATED:
         matched, status = torch.ops.group_detr.batched_lsa_warp_emulated(
             cost.cpu(), num_targets.cpu()
         )

@@ -26,9 +26,14 @@ def pad_targets(targets, num_classes: int, device, validate: bool = True):
 
     Returns labels `(B, M_max)` int64, boxes `(B, M_max, 4)` cxcywh and the list of M_i.
     Padding rows hold label 0 and a valid unit box so that the costs stay finite; the solver
-    never looks at them (`num_targets`). The value checks (label range, finite boxes) read the
-    tensors on the host; with validate=False on a CUDA device they are skipped so that nothing
-    synchronises, and labels are clamped into range so that a bad one cannot fault the gather.
+    never looks at them (`num_targets`).
+
+    This is where targets are validated, once, before matching (SetCriterion does not check them
+    again). The shape and dtype checks read no tensor values and always run. The value checks
+    (`check_targets`) read the tensors on the host, so with validate=False they are skipped on
+    every device (nothing synchronises on CUDA); labels are then clamped into range so that a
+    bad one cannot fault the gather, and a bad box gives non-finite costs, which the solver's
+    validate=False rule handles (`group_detr.assignment.sanitize_cost`).
     """
     labels = [_get(t, "labels", "class_labels", what="target labels") for t in targets]
     boxes = [_get(t, "boxes", what="target boxes") for t in targets]
@@ -50,12 +55,30 @@ def pad_targets(targets, num_classes: int, device, validate: bool = True):
     for i, (l, b) in enumerate(zip(labels, boxes)):
         labels_padded[i, : sizes[i]] = l
         boxes_padded[i, : sizes[i]] = b
-    if not validate and torch.device(device).type == "cuda":
+    if not validate:
         return labels_padded.clamp_(0, max(num_classes - 1, 0)), boxes_padded, sizes
-    if labels_padded.numel() and ((labels_padded < 0) | (labels_padded >= num_classes)).any():
-        raise ValueError(f"target labels must be class ids in [0, {num_classes})")
-    check_boxes(boxes_padded, "target boxes")
+    check_targets(labels_padded, boxes_padded, num_classes)
     return labels_padded, boxes_padded, sizes
+
+
+def check_targets(labels: Tensor, boxes: Tensor, num_classes: int) -> None:
+    """Raise ValueError, naming the image, for padded labels `(B, M)` outside [0, num_classes)
+    or boxes `(B, M, 4)` that are not finite with non-negative size (`check_boxes`).
+
+    Reads the tensors on the host (a synchronisation on CUDA). DETR-family matchers raise
+    AssertionError (DETR's box checks) or IndexError (a class id past the logits) for these;
+    ValueError here.
+    """
+    if labels.numel():
+        bad = (labels < 0) | (labels >= num_classes)
+        if bad.any():
+            image, column = (int(i) for i in torch.nonzero(bad)[0])
+            raise ValueError(
+                f"target {image} has class id {int(labels[image, column])} outside "
+                f"[0, {num_classes}): the data has more classes than the model was built for "
+                f"(num_classes={num_classes})"
+            )
+    check_boxes(boxes, "target boxes")
 
 
 class GroupMatcher(nn.Module):
@@ -69,7 +92,16 @@ class GroupMatcher(nn.Module):
         focal_alpha, focal_gamma: focal cost parameters.
         backend: solver backend, see `group_detr.linear_sum_assignment`.
         return_device: keep the indices on the outputs' device instead of DETR's CPU tensors.
-        validate: check targets and raise on NaN/infeasible costs (host synchronisation on CUDA).
+        validate: True: check the targets' values (`check_targets`) and raise ValueError for
+            NaN/-inf costs (naming the image and group's problem); a host synchronisation on
+            CUDA. False: no value checks and, on CUDA, no host synchronisation; non-finite
+            costs (e.g. NaN predictions) are replaced by the solver's rule
+            (`group_detr.assignment.sanitize_cost`), so every group is still matched one-to-one
+            with every index in range. The one knob: SetCriterion checks nothing itself.
+
+    Errors: bad inputs raise ValueError/TypeError (KeyError for a missing dict key), where
+    DETR's, Conditional DETR's, LW-DETR's and RF-DETR's matchers raise AssertionError or
+    IndexError (or scipy's ValueError) for the same inputs.
     """
 
     def __init__(
@@ -160,29 +192,34 @@ class GroupMatcher(nn.Module):
         _check_num_groups(num_groups)
         if not isinstance(cost, Tensor) or cost.dim() != 3:
             raise ValueError("cost must be a tensor of shape (B, K*N, M_max)")
-        num_images, num_queries, max_targets = cost.shape
-        if num_queries % num_groups:
+        num_images, total_queries, max_targets = cost.shape
+        if total_queries % num_groups:
             raise ValueError(
-                f"the number of queries {num_queries} is not divisible by num_groups "
+                f"the number of queries K*N = {total_queries} is not divisible by num_groups "
                 f"{num_groups}: Group DETR needs K groups of equal size N"
             )
         sizes = [int(m) for m in (num_targets.tolist() if isinstance(num_targets, Tensor) else num_targets)]
         if len(sizes) != num_images:
             raise ValueError(f"num_targets has {len(sizes)} entries for {num_images} images")
-        queries_per_group = num_queries // num_groups
+        if any(not 0 <= m <= max_targets for m in sizes):  # host ints: free, on every device
+            raise ValueError(f"num_targets {sizes} must lie in [0, M_max = {max_targets}]")
+        queries_per_group = total_queries // num_groups
         counts = torch.tensor(sizes, dtype=torch.int64).repeat_interleave(num_groups)
         # On CUDA: no synchronisation in the solve; the status (validate=True) travels to the
-        # host with the indices in one copy, or alone with return_device.
+        # host with the indices in one copy, or alone with return_device. validate=False
+        # replaces non-finite costs so that every group is completely matched (the solver's
+        # rule): no failed problem, so no query index past the end. On the CPU the status is
+        # free to read and is always checked.
         matched, status = linear_sum_assignment(
             cost.reshape(num_images * num_groups, queries_per_group, max_targets),
             _host_to_device(counts, cost.device),
             backend=self.backend,
-            validate=False,
+            validate=self.validate,
             return_status=True,
         )
+        check = status is not None and (self.validate or status.device.type == "cpu")
         return _to_detr_indices(matched, num_images, num_groups, queries_per_group, sizes,
-                                to_cpu=not self.return_device,
-                                status=status if self.validate else None)
+                                to_cpu=not self.return_device, status=status if check else None)
 
 
 def _check_num_groups(num_groups):

@@ -7,6 +7,7 @@ from scipy.optimize import linear_sum_assignment as scipy_lsa
 
 import group_detr
 from group_detr import _ext, linear_sum_assignment, scipy_compatible
+from group_detr.assignment import BACKENDS, _linear_sum_assignment_warp_emulated
 
 pytestmark = pytest.mark.skipif(
     not group_detr.backends()["lsa_cpu"], reason="group_detr._C is not built"
@@ -155,13 +156,33 @@ def test_every_scan_on_continuous_and_forbidden_costs(num_queries, num_cols, sca
     check_against_scipy(cost.astype(np.float32), [num_cols, num_cols, num_cols // 2], dtype=torch.float32)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "scipy", "cpu_warp_emulated"])
+def solver(backend):
+    """linear_sum_assignment on one backend; "warp_emulated" is the CUDA solver's code with
+    emulated lanes on the CPU, reachable only through its private entry point."""
+    if backend == "warp_emulated":
+        if not _ext.has_lsa_warp_emulated():
+            pytest.skip("group_detr._C was built without the warp-emulated op")
+        return _linear_sum_assignment_warp_emulated
+    if backend == "cuda":
+        if not group_detr.backends()["lsa_cuda"]:
+            pytest.skip("needs a CUDA device and the CUDA solver")
+        return lambda cost, num_targets=None, validate=True: linear_sum_assignment(
+            cost.cuda(), None if num_targets is None else num_targets.cuda(), "cuda", validate).cpu()
+    return lambda cost, num_targets=None, validate=True: linear_sum_assignment(
+        cost, num_targets, backend, validate)
+
+
+EVERY_BACKEND = ["cpu", "scipy", "warp_emulated", "cuda"]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "scipy", "warp_emulated"])
 def test_int32_num_targets(backend):
     rng = np.random.default_rng(3)
     cost = torch.from_numpy(rng.random((3, 20, 6)))
     counts = [6, 2, 0]
-    expected = linear_sum_assignment(cost, torch.tensor(counts, dtype=torch.int64), backend=backend)
-    got = linear_sum_assignment(cost, torch.tensor(counts, dtype=torch.int32), backend=backend)
+    solve = solver(backend)
+    expected = solve(cost, torch.tensor(counts, dtype=torch.int64))
+    got = solve(cost, torch.tensor(counts, dtype=torch.int32))
     torch.testing.assert_close(got, expected)
     np.testing.assert_array_equal(got.numpy(), scipy_reference(cost.numpy(), counts)[0])
 
@@ -249,11 +270,101 @@ def test_infeasible_problem_names_the_problem(backend):
         linear_sum_assignment(cost, backend=backend)
 
 
-def test_validate_false_marks_failed_problems():
+# --- non-finite costs: validate=True raises, validate=False follows the documented rule ------------
+
+def expected_failure(cost: np.ndarray, num_targets):
+    """The ValueError message validate=True must give (None: no error): the first problem with
+    NaN/-inf among its valid entries, or without a complete assignment of finite cost."""
+    for p, m in enumerate(num_targets):
+        c = cost[p, :, :m]
+        if np.isnan(c).any() or np.isneginf(c).any():
+            return rf"problem {p} contains NaN or -inf"
+        if c.size:
+            try:
+                scipy_lsa(c)
+            except ValueError:
+                return rf"problem {p} is infeasible"
+    return None
+
+
+def check_well_formed(matched: np.ndarray, cost: np.ndarray, num_targets):
+    """validate=False: every problem completely matched, one-to-one, indices in range; where an
+    assignment avoiding every non-finite pair exists, ours avoids them and is optimal."""
+    num_problems, num_queries, num_cols = cost.shape
+    assert matched.shape == (num_problems, num_cols) and matched.dtype == np.int64
+    assert ((matched >= -1) & (matched < num_queries)).all()
+    for p, m in enumerate(num_targets):
+        assert (matched[p, m:] == -1).all()
+        used = matched[p, :m][matched[p, :m] >= 0]
+        assert len(used) == min(num_queries, m), "every problem is completely matched"
+        assert len(set(used.tolist())) == len(used), "one-to-one"
+        forbidden = np.where(np.isfinite(cost[p, :, :m]), cost[p, :, :m], np.inf)
+        if not forbidden.size:
+            continue
+        try:
+            rows, cols = scipy_lsa(forbidden)
+        except ValueError:
+            continue  # no assignment avoids the non-finite pairs: any complete one is accepted
+        cols_ours = np.nonzero(matched[p, :m] >= 0)[0]
+        ours = forbidden[matched[p, cols_ours], cols_ours]
+        assert np.isfinite(ours).all(), "a non-finite pair was used although avoidable"
+        np.testing.assert_allclose(ours.sum(), forbidden[rows, cols].sum(), rtol=1e-9, atol=1e-9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=st.tuples(st.integers(1, 4), st.integers(1, 7), st.integers(1, 7)),
+       seed=st.integers(0, 2**32 - 1),
+       bad=st.lists(st.sampled_from(["nan", "-inf", "inf"]), min_size=1, max_size=3),
+       fraction=st.floats(0.0, 0.6),
+       dtype=st.sampled_from([torch.float64, torch.float32, torch.float16]))
+@pytest.mark.parametrize("backend", EVERY_BACKEND)
+def test_non_finite_costs_every_backend(backend, shape, seed, bad, fraction, dtype):
+    solve = solver(backend)
+    rng = np.random.default_rng(seed)
+    cost = rng.normal(size=shape)
+    where = rng.random(shape) < fraction
+    cost[where] = rng.choice([float(b) for b in bad], size=int(where.sum()))
+    num_targets = rng.integers(0, shape[2] + 1, size=shape[0]).tolist()
+    cost_t = torch.from_numpy(cost).to(dtype)
+    cost = cost_t.double().numpy()  # the values solved, after rounding to dtype
+    counts = torch.tensor(num_targets)
+    message = expected_failure(cost, num_targets)
+    if message is None:
+        check_well_formed(solve(cost_t, counts).numpy(), cost, num_targets)
+    else:
+        with pytest.raises(ValueError, match=message):
+            solve(cost_t, counts)
+    check_well_formed(solve(cost_t, counts, validate=False).numpy(), cost, num_targets)
+
+
+def test_validate_false_avoids_a_nan_pair():
     cost = torch.rand(3, 4, 2)
     cost[1, 0, 0] = float("nan")
+    cost[2, :, 1] = float("inf")  # infeasible: target 1 of problem 2 has only forbidden pairs
     matched = linear_sum_assignment(cost, validate=False)
-    assert (matched[1] == -1).all() and (matched[[0, 2]] >= 0).all()
+    assert (matched >= 0).all() and matched[1, 0] != 0
+    torch.testing.assert_close(matched[0], linear_sum_assignment(cost[:1])[0])
+
+
+def test_sanitized_costs_stay_finite_at_the_dtype_limit():
+    from group_detr.assignment import sanitize_cost
+    big = torch.finfo(torch.float32).max
+    cost = torch.tensor([[[big, -big], [float("nan"), 0.0]]])
+    sanitized = sanitize_cost(cost, torch.tensor([2]))
+    assert torch.isfinite(sanitized).all() and sanitized[0, 1, 0] == big
+    torch.testing.assert_close(sanitized[0, 0], cost[0, 0], rtol=0, atol=0)
+
+
+def test_validate_false_still_checks_the_status_on_cpu():
+    """On the CPU reading the status costs nothing: bad num_targets raise even unvalidated."""
+    with pytest.raises(ValueError, match=r"problem 1 has num_targets outside"):
+        linear_sum_assignment(torch.rand(2, 4, 3), torch.tensor([1, 4]), validate=False)
+
+
+def test_warp_emulated_is_not_a_public_backend():
+    assert "cpu_warp_emulated" not in BACKENDS
+    with pytest.raises(ValueError, match="backend must be one of"):
+        linear_sum_assignment(torch.rand(1, 2, 2), backend="cpu_warp_emulated")
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,7 @@
 """GroupMatcher against the public per-group, per-image scipy matcher, and DETR's contract."""
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 from workloads import load_workloads, matcher_inputs
 
 from group_detr import GroupMatcher
@@ -150,8 +151,8 @@ def test_queries_not_divisible_by_groups():
     [
         ({"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, -0.1, 0.2]])}, ValueError, "degenerate box"),
         ({"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, float("nan"), 0.1, 0.2]])}, ValueError, "NaN or infinite"),
-        ({"labels": torch.tensor([7]), "boxes": torch.rand(1, 4)}, ValueError, r"class ids in \[0, 5\)"),
-        ({"labels": torch.tensor([-1]), "boxes": torch.rand(1, 4)}, ValueError, r"class ids in \[0, 5\)"),
+        ({"labels": torch.tensor([7]), "boxes": torch.rand(1, 4)}, ValueError, r"target 1 has class id 7 outside \[0, 5\)"),
+        ({"labels": torch.tensor([-1]), "boxes": torch.rand(1, 4)}, ValueError, r"target 1 has class id -1 outside \[0, 5\)"),
         ({"labels": torch.tensor([1.0]), "boxes": torch.rand(1, 4)}, TypeError, "integer class ids"),
         ({"labels": torch.tensor([1, 2]), "boxes": torch.rand(1, 4)}, ValueError, r"labels must be \(M,\)"),
     ],
@@ -197,3 +198,57 @@ def test_bad_arguments():
         GroupMatcher(class_cost="sigmoid")
     with pytest.raises(ValueError, match="num_targets has 2 entries for 3 images"):
         GroupMatcher(num_groups=4).assign(torch.rand(3, 40, 2), [1, 2])
+
+
+# --- non-finite predictions: no index past the end, ever ------------------------------------------
+
+def matcher_backends():
+    from group_detr import backends
+    yield "cpu"
+    yield "scipy"
+    if backends()["lsa_cuda"]:
+        yield "cuda"
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1),
+       bad=st.sampled_from([float("nan"), float("inf"), float("-inf")]),
+       where=st.sampled_from(["pred_logits", "pred_boxes", "both"]),
+       fraction=st.floats(0.0, 0.5))
+@pytest.mark.parametrize("backend", list(matcher_backends()))
+def test_non_finite_predictions_every_backend(backend, seed, bad, where, fraction):
+    num_groups, per_group = 3, 4
+    outputs, targets = _small_batch(num_groups=num_groups, queries_per_group=per_group, seed=seed % 1000)
+    gen = torch.Generator().manual_seed(seed)
+    for key in (["pred_logits", "pred_boxes"] if where == "both" else [where]):
+        hit = torch.rand(outputs[key].shape, generator=gen) < fraction
+        outputs[key] = outputs[key].masked_fill(hit, bad)
+    device = "cuda" if backend == "cuda" else "cpu"
+    outputs = {k: v.to(device) for k, v in outputs.items()}
+    targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+    cost, sizes = GroupMatcher(num_groups=num_groups).cost_matrix(outputs, targets)
+    finite = all(torch.isfinite(cost[b, :, :m]).all() for b, m in enumerate(sizes))
+    strict = GroupMatcher(num_groups=num_groups, backend=backend)
+    if finite:
+        expected = strict(outputs, targets)
+    else:
+        with pytest.raises(ValueError, match=r"problem \d+ (contains NaN or -inf|is infeasible)"):
+            strict(outputs, targets)
+    loose = GroupMatcher(num_groups=num_groups, backend=backend, validate=False)(outputs, targets)
+    for b, ((q, t), m) in enumerate(zip(loose, sizes)):
+        assert q.dtype == t.dtype == torch.int64 and len(q) == len(t) == num_groups * min(m, per_group)
+        assert ((q >= 0) & (q < num_groups * per_group)).all(), "a query index past the end"
+        assert ((t >= 0) & (t < m)).all()
+        assert torch.all(q[1:] > q[:-1]), "query indices ascending and distinct"
+        for g in range(num_groups):
+            matched_targets = t[(q // per_group) == g].tolist()
+            assert len(matched_targets) == min(m, per_group), "each group completely matched"
+            assert len(set(matched_targets)) == len(matched_targets), "each group one-to-one"
+        if finite:  # nothing to replace: the same answer as validate=True
+            torch.testing.assert_close(q, expected[b][0])
+            torch.testing.assert_close(t, expected[b][1])
+
+
+def test_assign_rejects_num_targets_past_the_padding():
+    with pytest.raises(ValueError, match=r"must lie in \[0, M_max = 2\]"):
+        GroupMatcher(num_groups=4).assign(torch.rand(2, 40, 2), [1, 3])

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from group_detr.box_ops import box_cxcywh_to_xyxy, check_boxes, elementwise_generalized_box_iou
+from group_detr.box_ops import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
 
 
 def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
@@ -36,18 +36,6 @@ def default_weight_dict(num_decoder_layers: int, cls: float = 2.0, bbox: float =
     return weights
 
 
-def validate_targets(targets: Sequence[Dict[str, Tensor]], num_classes: int) -> None:
-    """Raise ValueError (naming the image) for labels outside [0, num_classes) or bad boxes."""
-    for i, target in enumerate(targets):
-        labels, boxes = target["labels"], target["boxes"]
-        outside = labels[(labels < 0) | (labels >= num_classes)]
-        if outside.numel():
-            raise ValueError(
-                f"target {i} has class id {int(outside[0])} outside [0, {num_classes}): the data has "
-                f"more classes than the model was built for (num_classes={num_classes})")
-        check_boxes(boxes, f"target {i} boxes")
-
-
 class SetCriterion(nn.Module):
     """forward(outputs, targets) -> dict of unweighted losses; `weighted_sum` combines them.
 
@@ -55,6 +43,11 @@ class SetCriterion(nn.Module):
     optionally `aux_outputs`; K is read from the number of queries (K*N in training, N in eval).
     targets: list of B dicts with `labels` `(M_i,)` int64 and `boxes` `(M_i, 4)` cxcywh.
     Loss keys: loss_ce, loss_bbox, loss_giou for the last layer and loss_*_{i} for aux layer i.
+
+    The targets are validated once, by the matcher before matching (`GroupMatcher.validate`,
+    the one knob): the criterion adds no check of its own. With a matcher built with
+    validate=False and return_device=True, nothing in the criterion or the matcher
+    synchronises with the host on CUDA (tests/test_no_sync.py).
     """
 
     def __init__(self, num_classes: int, matcher: nn.Module, weight_dict: Dict[str, float],
@@ -68,14 +61,16 @@ class SetCriterion(nn.Module):
         self.focal_gamma = focal_gamma
 
     def num_groups_of(self, outputs: Dict) -> int:
-        num_queries = outputs["pred_logits"].shape[1]
-        if num_queries % self.queries_per_group:
-            raise ValueError(f"{num_queries} queries are not a whole number of groups of {self.queries_per_group}")
-        return num_queries // self.queries_per_group
+        """K from the outputs' K*N queries and the criterion's N (`queries_per_group`)."""
+        total_queries = outputs["pred_logits"].shape[1]
+        if total_queries % self.queries_per_group:
+            raise ValueError(f"{total_queries} queries are not a whole number of groups of {self.queries_per_group}")
+        return total_queries // self.queries_per_group
 
     def normaliser(self, targets: Sequence[Dict], num_groups: int, device) -> Tensor:
         """num_boxes (averaged over processes, at least 1) * K."""
-        num_boxes = torch.tensor(float(sum(len(t["labels"]) for t in targets)), device=device)
+        # torch.full writes on the device; torch.tensor(x, device=cuda) would be a blocking copy.
+        num_boxes = torch.full((), float(sum(len(t["labels"]) for t in targets)), device=device)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(num_boxes)
             num_boxes = num_boxes / dist.get_world_size()
@@ -101,7 +96,6 @@ class SetCriterion(nn.Module):
         return {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": loss_giou}
 
     def forward(self, outputs: Dict, targets: Sequence[Dict], num_groups: Optional[int] = None) -> Dict[str, Tensor]:
-        validate_targets(targets, self.num_classes)
         if num_groups is None:
             num_groups = self.num_groups_of(outputs)
         layers = [outputs] + list(outputs.get("aux_outputs", []))
