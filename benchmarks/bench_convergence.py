@@ -1,12 +1,16 @@
-"""Does Group DETR converge faster with more groups?  (issue 6; the paper's Table 1 / Figure 1)
+"""Does Group DETR converge faster with more groups?  (the paper's Table 1 and Figures 3-4)
 
 Trains the same model on the same synthetic data, with the same seed and schedule, once for
-every K in `--groups` (default 1 3 11), evaluates COCO AP on the validation split after every
-epoch and records the perturbation / matching distances PD and MD (`group_detr.analysis`, the
-paper's eqs. 6 and 7) on a fixed validation batch at step 0 and after every epoch. Writes
+every K in `--groups` (default 1 3 11) through `group_detr.engine.train`, evaluating COCO AP on
+the validation split after every epoch; a `ConvergenceRecorder` callback records the paper's
+distances (`group_detr.analysis`): PD (eq. 6, nearest-query distance between the groups' query
+positions) and MD (eq. 7, distance between the queries of different groups matched to the same
+gt object, on a fixed validation batch) at step 0 and after every epoch, and the final query
+positions. Writes
 
     benchmarks/results/convergence-<machine>.json        (--quick: convergence-<machine>-quick.json)
-    benchmarks/results/convergence-<machine>.png         AP vs epoch per K; PD / MD vs step
+    benchmarks/results/convergence-<machine>.png         AP / AP50 vs epoch per K; Figure 4: PD, MD vs step
+    benchmarks/results/convergence-<machine>-query-positions.png   Figure 3: largest K, one colour per group
 
     python benchmarks/bench_convergence.py                 # default: K = 1 3 11, one seed
     python benchmarks/bench_convergence.py --seeds 0 1 2   # mean and spread over seeds
@@ -18,39 +22,31 @@ paper's eqs. 6 and 7) on a fixed validation batch at step 0 and after every epoc
         --set backbone_weights=runs/pretrain-backbone/checkpoint.pth lr_backbone=1e-5 \
         --out benchmarks/results/convergence-cpu-2core-pretrained-backbone.json
 
-The model is the demo preset (`group_detr.engine.demo_config`: small from-scratch CNN, no encoder
-layers, 3 decoder layers, d=128, N=10, lr 5e-4 / backbone 2e-4, batch 8) on the demo's synthetic
-data (1500 train / 200 val images, 128 px), for 24 epochs with the lr drop after 22 (why 24 and
-not the paper's 12: `default_config`); only K and the seed change between runs. Each run has one
-intra-op thread and the demo's one data-loader worker, and `--jobs` (default: one per core) runs
-that many at once, largest K first; every run seeds itself, so `--jobs` changes the wall time and
-nothing else. Measured wall time on the 2-core CPU machine, two runs at a time: 26 min for
-the default, 70 min for `--seeds 0 1 2`, 17 s for `--quick`.
+The model is the demo preset (`group_detr.config.demo_config`) on the demo's synthetic preset
+(`TrainConfig.synthetic`, written to data/synthetic-<preset> when missing), for 24 epochs with
+the lr drop after 22 (why 24 and not the paper's 12: `default_config`); only K and the seed
+change between runs. Each run has one intra-op thread and the demo's one data-loader worker, and
+`--jobs` (default: one per core) runs that many at once, largest K first; every run seeds itself,
+so `--jobs` changes the wall time and nothing else.
 """
 import argparse
 import dataclasses
-import json
 import os
 import statistics
-import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
-sys.path.insert(0, ROOT)
+import common
+from group_detr import analysis
+from group_detr.config import TrainConfig, demo_config
+from group_detr.data.coco import collate_fn
+from group_detr.data.synthetic import ensure_synthetic_dataset
+from group_detr.engine import Callback, TrainingRun, build_matcher, train
 
-from group_detr import analysis  # noqa: E402
-from group_detr.data.coco import collate_fn  # noqa: E402
-from group_detr.engine import (DEMO_SYNTHETIC, TrainConfig, build_criterion, build_datasets,  # noqa: E402
-                               build_loader, build_model, build_optimizer, demo_config,
-                               ensure_synthetic_dataset, evaluate, train_one_epoch)
-
-RESULTS_DIR = os.path.join(HERE, "results")
 DEFAULT_GROUPS = (1, 3, 11)
+DISTANCES = ("PD", "PD_first", "MD", "MD_first")
 
 
 def default_config(**overrides) -> TrainConfig:
@@ -60,8 +56,10 @@ def default_config(**overrides) -> TrainConfig:
     any K, too close to the floor to show a gain of a few points (README, "Does it reproduce the
     paper?"); `--epochs 12` gives the paper's schedule.
     """
-    base = demo_config(epochs=24, data_dir=os.path.join(ROOT, "data", "synthetic"), output_dir=os.path.join(ROOT, "runs", "convergence"),
-                       num_threads=1, eval_every=1, print_freq=10**9)
+    demo = demo_config()
+    base = demo_config(epochs=24, data_dir=os.path.join(common.ROOT, demo.data_dir),
+                       output_dir=os.path.join(common.ROOT, "runs", "convergence"),
+                       eval_every=1, print_freq=10**9, resume=False)
     return dataclasses.replace(base, **overrides)
 
 
@@ -70,64 +68,52 @@ def quick_config(**overrides) -> TrainConfig:
     return default_config(**{"max_train_images": 96, "max_val_images": 24, "epochs": 2, **overrides})
 
 
-def _analysis_batch(val_set, num_images: int):
-    """A fixed validation batch (the first `num_images` images) for PD / MD."""
-    items = [val_set[i] for i in range(min(num_images, len(val_set)))]
-    return collate_fn(items)
+class ConvergenceRecorder(Callback):
+    """Collects one run's curves from `engine.train`: AP per epoch (train evaluates every epoch,
+    eval_every=1) and PD / MD (`group_detr.analysis`) on a fixed validation batch at step 0 and
+    after every epoch; at the end the query positions (for Figure 3)."""
+
+    def __init__(self, analysis_images: int, log: Callable[[str], None]):
+        self.analysis_images, self.log = analysis_images, log
+        self.record: Dict = {}
+
+    def _distances(self, run: TrainingRun, step: int) -> Dict:
+        d = analysis.query_distances(run.model, self.images, self.mask, self.targets, self.matcher)
+        return {"step": step, **{name: d[name] for name in DISTANCES}}
+
+    def on_train_start(self, run: TrainingRun) -> None:
+        val_set = run.val_set
+        items = [val_set[i] for i in range(min(self.analysis_images, len(val_set)))]
+        images, mask, self.targets = collate_fn(items)
+        self.images, self.mask = images.to(run.device), mask.to(run.device)
+        self.matcher = build_matcher(run.config)
+        self.start = time.time()
+        self.record = {"num_groups": run.config.num_groups, "seed": run.config.seed,
+                       "steps_per_epoch": run.steps_per_epoch, "epochs": [], "distances": [self._distances(run, 0)]}
+
+    def on_epoch_end(self, run: TrainingRun, record: Dict) -> None:
+        distances = self._distances(run, record["step"])
+        self.record["distances"].append(distances)
+        self.record["epochs"].append({
+            "epoch": record["epoch"], "step": record["step"], "train_time_s": record["epoch_time_s"],
+            **{name: record[f"val_{name}"] for name in ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large")},
+            **{name: record.get(f"train_{name}") for name in ("loss", "loss_bbox", "loss_giou", "loss_ce")}})
+        record.update({name: distances[name] for name in DISTANCES})  # into the run's log.jsonl too
+        ap = self.record["epochs"][-1]
+        self.log(f"K={run.config.num_groups:>2} seed {run.config.seed} epoch {record['epoch']}/{run.config.epochs}: "
+                 f"AP {ap['AP']:.3f} AP50 {ap['AP50']:.3f}  PD {distances['PD']:.4f} MD {distances['MD']:.4f}  "
+                 f"({time.time() - self.start:.0f} s)")
+
+    def on_train_end(self, run: TrainingRun, result: Dict) -> None:
+        self.record["wall_s"] = round(time.time() - self.start, 1)
+        self.record["query_positions"] = analysis.query_positions(run.model).tolist()
 
 
-def train_and_measure(config: TrainConfig, analysis_images: int = 16, noise: float = 0.1,
-                      log: Callable[[str], None] = print) -> Dict:
-    """Train one (K, seed) run; AP after every epoch, PD/MD at step 0 and after every epoch."""
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
-    torch.manual_seed(config.seed)
-    import random
-
-    random.seed(config.seed)
-    train_set, val_set = build_datasets(config)
-    num_classes = train_set.num_classes
-    device = torch.device("cpu")
-    model = build_model(config, num_classes).to(device)
-    criterion = build_criterion(config, num_classes)
-    optimizer = build_optimizer(model, config)
-    train_loader = build_loader(train_set, config, train=True)
-    val_loader = build_loader(val_set, config, train=False)
-    steps_per_epoch = len(train_loader)
-    total_steps = config.epochs * steps_per_epoch
-    drop_step = max(1, int(round(total_steps * config.lr_drop_fraction)))
-    lr_scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[drop_step], gamma=0.1)
-    images, mask, targets = _analysis_batch(val_set, analysis_images)
-    matcher = analysis.make_matcher(config.num_groups, config.set_cost_class, config.set_cost_bbox,
-                                    config.set_cost_giou, config.focal_alpha)
-
-    def distances(step: int) -> Dict:
-        d = analysis.query_distances(model, images, mask, targets, matcher=matcher, noise=noise, seed=config.seed)
-        return {"step": step, "PD": d["PD"], "MD": d["MD"]}
-
-    record = {"num_groups": config.num_groups, "seed": config.seed, "steps_per_epoch": steps_per_epoch,
-              "epochs": [], "distances": [distances(0)]}
-    start = time.time()
-    for epoch in range(config.epochs):
-        epoch_start = time.time()
-        losses = train_one_epoch(model, criterion, train_loader, optimizer, lr_scheduler, device, epoch, config)
-        train_time = time.time() - epoch_start
-        stats, _, _ = evaluate(model, val_loader, val_set, device)
-        step = (epoch + 1) * steps_per_epoch
-        record["distances"].append(distances(step))
-        record["epochs"].append({"epoch": epoch + 1, "step": step, "train_time_s": round(train_time, 2),
-                                 "AP": stats["AP"], "AP50": stats["AP50"], "AP75": stats["AP75"],
-                                 "loss": losses.get("loss"), "loss_bbox": losses.get("loss_bbox"),
-                                 "loss_giou": losses.get("loss_giou"), "loss_ce": losses.get("loss_ce")})
-        dist = record["distances"][-1]
-        log(f"K={config.num_groups:>2} seed {config.seed} epoch {epoch + 1}/{config.epochs}: "
-            f"AP {stats['AP']:.3f} AP50 {stats['AP50']:.3f}  PD {dist['PD']:.4f} MD {dist['MD']:.4f}  "
-            f"({time.time() - start:.0f} s)")
-    record["wall_s"] = round(time.time() - start, 1)
-    analysis_png = os.path.join(config.output_dir, f"reference-points-K{config.num_groups}-seed{config.seed}.png")
-    os.makedirs(config.output_dir, exist_ok=True)
-    record["reference_points_png"] = os.path.relpath(analysis.plot_reference_points(model, analysis_png), ROOT)
-    return record
+def train_and_measure(config: TrainConfig, analysis_images: int = 16, log: Callable[[str], None] = print) -> Dict:
+    """Train one (K, seed) run with `engine.train`; returns its ConvergenceRecorder record."""
+    recorder = ConvergenceRecorder(analysis_images, log)
+    train(config, log=lambda _: None, callbacks=[recorder])
+    return recorder.record
 
 
 def _mean_spread(values: Sequence[float]) -> Dict:
@@ -138,18 +124,25 @@ def _mean_spread(values: Sequence[float]) -> Dict:
             "min": min(values), "max": max(values), "n": len(values)}
 
 
+FINAL_METRICS = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large")
+
+
 def summarise(runs: List[Dict]) -> Dict:
-    """{K: {"AP": [per-epoch mean/spread], "AP50": [...], "final": ...}} over seeds."""
+    """Per K over seeds: "AP" / "AP50" per epoch, "final" COCO metrics, "final_<distance>" and
+    "step_time_s" (training time per optimizer step), each as mean / std / min / max / n."""
     summary = {}
     for k in sorted({r["num_groups"] for r in runs}):
         mine = [r for r in runs if r["num_groups"] == k]
         epochs = min(len(r["epochs"]) for r in mine)
-        summary[str(k)] = {
-            metric: [_mean_spread([r["epochs"][e][metric] for r in mine]) for e in range(epochs)]
-            for metric in ("AP", "AP50")
-        }
-        summary[str(k)]["final_PD"] = _mean_spread([r["distances"][-1]["PD"] for r in mine])
-        summary[str(k)]["final_MD"] = _mean_spread([r["distances"][-1]["MD"] for r in mine])
+        entry = {metric: [_mean_spread([r["epochs"][e][metric] for r in mine]) for e in range(epochs)]
+                 for metric in ("AP", "AP50")}
+        entry["final"] = {metric: _mean_spread([r["epochs"][-1].get(metric, float("nan")) for r in mine])
+                          for metric in FINAL_METRICS}
+        for name in DISTANCES:
+            entry[f"final_{name}"] = _mean_spread([r["distances"][-1][name] for r in mine])
+        entry["step_time_s"] = _mean_spread([e["train_time_s"] / r["steps_per_epoch"] for r in mine
+                                             for e in r["epochs"]])
+        summary[str(k)] = entry
     return summary
 
 
@@ -182,13 +175,13 @@ def run_convergence(config: TrainConfig, groups: Sequence[int] = DEFAULT_GROUPS,
             "runs": runs, "summary": summarise(runs)}
 
 
-def plot(results: Dict, path: str) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_ap, ax_ap50, ax_dist) = plt.subplots(1, 3, figsize=(14, 4))
+def plot(results: Dict, path: str) -> Optional[str]:
+    """AP and AP50 per epoch per K (mean, and the seed spread as a band); paper Figure 4: PD and
+    MD against the training step for every K > 1 (first seed)."""
+    plt = common.pyplot()
+    if plt is None:
+        return None
+    fig, (ax_ap, ax_ap50, ax_dist) = plt.subplots(1, 3, figsize=(15, 4.2))
     for k, summary in results["summary"].items():
         epochs = list(range(1, len(summary["AP"]) + 1))
         for ax, metric in ((ax_ap, "AP"), (ax_ap50, "AP50")):
@@ -199,27 +192,35 @@ def plot(results: Dict, path: str) -> str:
                 ax.fill_between(epochs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                                 color=line.get_color(), alpha=0.2)
     for run in results["runs"]:
-        if run["seed"] != results["seeds"][0]:
-            continue
+        if run["seed"] != results["seeds"][0] or run["num_groups"] < 2:
+            continue  # PD and MD need two groups
         steps = [d["step"] for d in run["distances"]]
-        line, = ax_dist.plot(steps, [d["PD"] for d in run["distances"]], linestyle="--", marker=".",
-                             label=f"PD K={run['num_groups']}")
-        if run["num_groups"] > 1:
-            ax_dist.plot(steps, [d["MD"] for d in run["distances"]], color=line.get_color(), marker="o",
-                         label=f"MD K={run['num_groups']}")
+        line, = ax_dist.plot(steps, [d["MD"] for d in run["distances"]], marker="o", label=f"MD K={run['num_groups']}")
+        ax_dist.plot(steps, [d["PD"] for d in run["distances"]], color=line.get_color(), linestyle="--",
+                     marker=".", label=f"PD K={run['num_groups']}")
     for ax, title in ((ax_ap, "COCO AP vs epoch"), (ax_ap50, "AP50 vs epoch")):
         ax.set_xlabel("epoch")
         ax.set_title(title)
         ax.legend()
         ax.grid(alpha=0.3)
     ax_dist.set_xlabel("training step")
-    ax_dist.set_title(f"PD / MD (seed {results['seeds'][0]})")
+    ax_dist.set_ylabel("distance (normalised image coordinates)")
+    ax_dist.set_title(f"Figure 4: MD (eq. 7) and PD (eq. 6), seed {results['seeds'][0]}")
     ax_dist.legend(fontsize=7)
     ax_dist.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return common.save_figure(fig, path)
+
+
+def plot_query_positions(results: Dict, path: str) -> Optional[str]:
+    """Paper Figure 3: the query positions of every group of the trained model with the largest
+    K (first seed), one colour per group."""
+    if common.pyplot() is None:
+        return None
+    run = max((r for r in results["runs"] if r["seed"] == results["seeds"][0]), key=lambda r: r["num_groups"])
+    positions = torch.tensor(run["query_positions"])
+    title = (f"query positions after training, K={run['num_groups']}, N={positions.shape[1]}, "
+             f"seed {run['seed']}")
+    return analysis.plot_reference_points(positions, path, title=title)
 
 
 def parse_overrides(items: Sequence[str]) -> Dict:
@@ -251,8 +252,6 @@ def parse_overrides(items: Sequence[str]) -> Dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
-    from bench_matcher import machine_name
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--groups", type=int, nargs="+", default=list(DEFAULT_GROUPS), help="values of K")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (mean and spread over them)")
@@ -282,23 +281,28 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     else:
         config = default_config(**overrides)
         groups, analysis_images = args.groups, args.analysis_images
-    ensure_synthetic_dataset(config.data_dir, **DEMO_SYNTHETIC)
-    machine = machine_name(torch.device("cpu"))
-    out = args.out or os.path.join(RESULTS_DIR, f"convergence-{machine}{'-quick' if args.quick else ''}.json")
+    ensure_synthetic_dataset(config.data_dir, config.synthetic)
+    machine = common.machine_name(torch.device("cpu"))
+    out = args.out or common.results_path("convergence", machine, quick=args.quick)
     start = time.time()
     jobs = args.jobs or min(len(os.sched_getaffinity(0)), len(groups) * len(args.seeds))
     results = run_convergence(config, groups, args.seeds, analysis_images, jobs=jobs)
-    results.update({"machine": machine, "quick": args.quick, "jobs": jobs, "wall_s": round(time.time() - start, 1),
-                    "torch": torch.__version__})
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    results["png"] = os.path.basename(plot(results, os.path.splitext(out)[0] + ".png"))
-    with open(out, "w") as f:
-        json.dump(results, f, indent=1)
+    results.update({**common.environment(torch.device("cpu")), "quick": args.quick, "jobs": jobs,
+                    "wall_s": round(time.time() - start, 1)})
+    stem = os.path.splitext(out)[0]
+    png, positions_png = plot(results, stem + ".png"), plot_query_positions(results, stem + "-query-positions.png")
+    results["png"] = png and os.path.basename(png)
+    results["query_positions_png"] = positions_png and os.path.basename(positions_png)
+    common.write_results(results, out, indent=1)
     print(f"\nfinal epoch, mean over {len(args.seeds)} seed(s):")
     for k, s in results["summary"].items():
-        print(f"  K={k:>2}: AP {s['AP'][-1]['mean']:.3f} (std {s['AP'][-1]['std']:.3f})  "
-              f"AP50 {s['AP50'][-1]['mean']:.3f}  PD {s['final_PD']['mean']:.4f}  MD {s['final_MD']['mean']:.4f}")
-    print(f"wrote {out} and its .png in {results['wall_s']:.0f} s")
+        final = s["final"]
+        print(f"  K={k:>2}: AP {final['AP']['mean']:.3f} (std {final['AP']['std']:.3f})  "
+              f"AP50 {final['AP50']['mean']:.3f}  AP_s/m/l {final['AP_small']['mean']:.3f}/"
+              f"{final['AP_medium']['mean']:.3f}/{final['AP_large']['mean']:.3f}  "
+              f"PD {s['final_PD']['mean']:.4f}  MD {s['final_MD']['mean']:.4f}  "
+              f"step {s['step_time_s']['mean'] * 1e3:.0f} ms")
+    print(f"done in {results['wall_s']:.0f} s")
     return results
 
 

@@ -65,11 +65,7 @@ import contextlib
 import copy
 import ctypes
 import dataclasses
-import datetime
-import json
 import os
-import platform
-import sys
 import time
 import warnings
 from collections import Counter
@@ -80,17 +76,14 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-
-import group_detr  # noqa: E402
-from bench_matcher import git_commit, machine_name  # noqa: E402
-from group_detr.data.synthetic import CLASS_NAMES  # noqa: E402
-from group_detr.engine import (DEMO_SYNTHETIC, TrainConfig, build_criterion, build_model,  # noqa: E402
-                               build_optimizer, demo_config)
-from group_detr.layout import QueryLayout  # noqa: E402
-from group_detr.reference import ReferenceGroupMatcher  # noqa: E402
-from workloads import target_counts  # noqa: E402
+import common
+import group_detr
+from group_detr.config import TrainConfig, demo_config, synthetic_preset
+from group_detr.data.synthetic import CLASS_NAMES
+from group_detr.engine import build_criterion, build_model, build_optimizer
+from group_detr.layout import QueryLayout
+from group_detr.reference import ReferenceGroupMatcher
+from workloads import target_counts
 
 CONFIGURATIONS = ("public", "ours")
 REGIONS = ("matching", "self_attention", "rest")
@@ -118,12 +111,12 @@ def small_size() -> Size:
     """`python -m group_detr demo`'s model (small CNN, d=128, 2+3 layers, N=10) on its data shape:
     batches of 8 128-px images with 1..6 objects of the synthetic dataset's 5 classes."""
     config = demo_config()
-    max_objects = DEMO_SYNTHETIC["max_objects"]
+    data = synthetic_preset(config.synthetic)
     return Size("small", config, len(CLASS_NAMES), config.batch_size,
-                (DEMO_SYNTHETIC["image_size"],) * 2, {"targets": "uniform", "max_targets": max_objects},
+                (data.image_size,) * 2, {"targets": "uniform", "max_targets": data.max_objects},
                 f"demo: small CNN, d={config.hidden_dim}, {config.nheads} heads, "
                 f"{config.enc_layers}+{config.dec_layers} layers, N={config.num_queries}, "
-                f"batch {config.batch_size} x {DEMO_SYNTHETIC['image_size']} px",
+                f"batch {config.batch_size} x {data.image_size} px",
                 # ~0.1-0.2 s a step on 2 cores: 200 steps keep the medians steady on a busy machine
                 {"cpu": 200, "cuda": 100})
 
@@ -547,11 +540,6 @@ def count_syncs(trainer: Trainer, batch, device: torch.device) -> Dict:
 # ------------------------------------------------------------------------------------------------
 # the measurement
 # ------------------------------------------------------------------------------------------------
-def summarise(values: List[float]) -> Dict[str, float]:
-    return {"median_ms": float(np.median(values)), "p10_ms": float(np.percentile(values, 10)),
-            "p90_ms": float(np.percentile(values, 90))}
-
-
 def run_case(size: Size, num_groups: int, device: torch.device, warmup: int, repeats: int, seed: int,
              log=print) -> Dict:
     """Both configurations at one (size, K): warmup + repeats interleaved steps each."""
@@ -588,10 +576,10 @@ def run_case(size: Size, num_groups: int, device: torch.device, warmup: int, rep
     result = {"configurations": {}}
     for name in CONFIGURATIONS:
         rec = records[name]
-        step = summarise(rec["step"])
+        step = common.summarise(rec["step"])
         entry = {"step": step, "steps_ms": rec["step"], "losses": rec["loss"]}
         for region in REGIONS:
-            entry[region] = summarise(rec[region])
+            entry[region] = common.summarise(rec[region])
             entry[region]["share"] = entry[region]["median_ms"] / step["median_ms"]
         # Memory and synchronisations in extra, untimed steps: their instruments (malloc_trim,
         # the sync warnings, the TorchFunctionMode) would distort the timed ones.
@@ -687,12 +675,8 @@ def print_report(report: Dict) -> str:
 
 def plot(report: Dict, path: str) -> bool:
     """Stacked bars of the median step, per size, K and configuration."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no PNG")
+    plt = common.pyplot()
+    if plt is None:
         return False
     sizes = list(report["sizes"].items())
     fig, axes = plt.subplots(1, len(sizes), figsize=(5.5 * len(sizes), 4.2), squeeze=False)
@@ -725,20 +709,8 @@ def plot(report: Dict, path: str) -> bool:
         ax.legend(fontsize=8)
     fig.suptitle(f"Group DETR training step, public way (hatched) vs ours ({report['device_name']})",
                  fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path, dpi=120)
     return True
-
-
-def device_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError, StopIteration):
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    return f"{model}, {torch.get_num_threads()} threads"
 
 
 def run(sizes: List[Size], groups, device: torch.device, warmup: int = 2, repeats: Optional[int] = None,
@@ -749,14 +721,8 @@ def run(sizes: List[Size], groups, device: torch.device, warmup: int = 2, repeat
     """
     report = {
         "benchmark": "train_step",
-        "machine": machine_name(device),
-        "device": str(device),
-        "device_name": device_description(device),
-        "threads": torch.get_num_threads(),
+        **common.environment(device),
         "backends": group_detr.backends(),
-        "versions": {"torch": torch.__version__, "python": platform.python_version()},
-        "commit": git_commit(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "warmup": warmup,
         "configurations": {
             "public": "ReferenceGroupMatcher once per decoder layer (batch-wide cost, .cpu(), scipy per "
@@ -836,14 +802,8 @@ def main(argv=None):
                 print(f"WARNING: {size_name} K={k}: the first-step losses differ by {diff:.2e} (relative)")
     print(f"\nwall time {report['wall_time_s']:.0f} s")
     if not args.quick:
-        out = args.out or os.path.join(HERE, "results", f"train_step-{report['machine']}.json")
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        with open(out, "w") as f:
-            json.dump(report, f, indent=2)
-        print(f"wrote {out}")
-        png = os.path.splitext(out)[0] + ".png"
-        if plot(report, png):
-            print(f"wrote {png}")
+        out = common.write_results(report, args.out or common.results_path("train_step", report["machine"]))
+        plot(report, os.path.splitext(out)[0] + ".png")
     return report
 
 

@@ -1,13 +1,14 @@
 """Command line: `python -m group_detr {demo,train,eval,synth}`.
 
     python -m group_detr demo                      # synthetic data + K=11 training + AP + PNG
-    python -m group_detr synth --out data/synthetic
+    python -m group_detr synth --out data/synthetic-hard --preset hard
     python -m group_detr train --data-dir data/coco --output-dir runs/r50 --backbone-weights r50.pth
     torchrun --nproc_per_node 8 -m group_detr train --data-dir data/coco ...
     python -m group_detr eval --checkpoint runs/demo/checkpoint.pth
 
 `train` and `demo` take every `TrainConfig` field as `--field-name` (see `--help`); `train`
-starts from the paper's defaults, `demo` from `demo_config()`.
+starts from the paper's defaults, `demo` from `demo_config()` (group_detr/config.py, which also
+holds the synthetic-data presets that `synth --preset` and the demo's `--synthetic` name).
 """
 import argparse
 import dataclasses
@@ -16,9 +17,9 @@ import time
 import typing
 from typing import List, Optional
 
-from group_detr.data.synthetic import write_synthetic_dataset
-from group_detr.engine import (DEMO_SYNTHETIC, TrainConfig, demo_config, ensure_synthetic_dataset,
-                               evaluate_checkpoint, train)
+from group_detr.config import SYNTHETIC_PRESETS, TrainConfig, demo_config, synthetic_preset
+from group_detr.data.synthetic import ensure_synthetic_dataset, write_synthetic_dataset
+from group_detr.engine import evaluate_checkpoint, train
 
 HELP = {
     "data_dir": "dataset root: {split}/ images and annotations/instances_{split}.json",
@@ -28,6 +29,8 @@ HELP = {
     "num_queries": "N, queries per group; inference uses N queries",
     "resume": "continue from output_dir/checkpoint.pth when it exists",
     "max_train_images": "train on the first n images only",
+    "synthetic": f"synthetic-data preset ({', '.join(sorted(SYNTHETIC_PRESETS))}) the demo writes to "
+                 "data_dir when it has no dataset",
 }
 
 
@@ -60,10 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="synthetic data, a short K=11 training, AP table and a PNG")
-    demo.add_argument("--num-train-images", type=int, default=DEMO_SYNTHETIC["num_train"],
-                      help="synthetic training images written when data_dir has no dataset yet (default: %(default)s)")
-    demo.add_argument("--num-val-images", type=int, default=DEMO_SYNTHETIC["num_val"],
-                      help="synthetic validation images written when data_dir has no dataset yet (default: %(default)s)")
+    demo.add_argument("--num-train-images", type=int, default=None,
+                      help="synthetic training images written when data_dir has no dataset yet "
+                           "(default: the preset's)")
+    demo.add_argument("--num-val-images", type=int, default=None,
+                      help="synthetic validation images written when data_dir has no dataset yet "
+                           "(default: the preset's)")
     _add_config_arguments(demo, demo_config(resume=True))
 
     train_cmd = commands.add_parser("train", help="train on a COCO-format dataset (torchrun for several processes)")
@@ -77,23 +82,31 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--png", default=None, help="also draw predictions on a few images into this PNG")
 
-    synth = commands.add_parser("synth", help="write the synthetic COCO-format shapes dataset")
+    synth = commands.add_parser("synth", help="write a synthetic COCO-format shapes dataset (a preset)")
     synth.add_argument("--out", required=True)
-    synth.add_argument("--num-train", type=int, default=1500)
-    synth.add_argument("--num-val", type=int, default=200)
-    synth.add_argument("--image-size", type=int, default=160)
-    synth.add_argument("--max-objects", type=int, default=6)
-    synth.add_argument("--min-object-size", type=int, default=8, help="smallest shape diameter in pixels")
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--preset", default=demo_config().synthetic, choices=sorted(SYNTHETIC_PRESETS),
+                       help="generator settings (default: the demo's, %(default)s)")
+    # Each flag replaces one field of the preset (default: keep the preset's value).
+    synth.add_argument("--num-train", type=int)
+    synth.add_argument("--num-val", type=int)
+    synth.add_argument("--image-size", type=int)
+    synth.add_argument("--max-objects", type=int)
+    synth.add_argument("--min-object-size", type=int, help="smallest shape diameter in pixels")
+    synth.add_argument("--seed", type=int)
     return parser
+
+
+SYNTH_OVERRIDES = ("num_train", "num_val", "image_size", "max_objects", "min_object_size", "seed")
+
+
+def _given(args: argparse.Namespace, names) -> dict:
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "synth":
-        paths = write_synthetic_dataset(args.out, num_train=args.num_train, num_val=args.num_val,
-                                        image_size=args.image_size, max_objects=args.max_objects,
-                                        seed=args.seed, min_object_size=args.min_object_size)
+        paths = write_synthetic_dataset(args.out, synthetic_preset(args.preset, **_given(args, SYNTH_OVERRIDES)))
         print("\n".join(f"{split}: {path}" for split, path in paths.items()))
         return 0
     if args.command == "eval":
@@ -102,8 +115,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     config = _config_from_args(args)
     if args.command == "demo":
         start = time.time()
-        synthetic = dict(DEMO_SYNTHETIC, num_train=args.num_train_images, num_val=args.num_val_images)
-        ensure_synthetic_dataset(config.data_dir, **synthetic)
+        if config.data_dir == demo_config().data_dir:  # the default directory follows --synthetic
+            config = dataclasses.replace(config, data_dir=demo_config(synthetic=config.synthetic).data_dir)
+        sizes = {"num_train": args.num_train_images, "num_val": args.num_val_images}
+        ensure_synthetic_dataset(config.data_dir, config.synthetic,
+                                 **{k: v for k, v in sizes.items() if v is not None})
         if config.output_dir == demo_config().output_dir:
             # One directory per K, so that runs with different K never meet one checkpoint.
             config = dataclasses.replace(config, output_dir=f"{config.output_dir}-k{config.num_groups}")

@@ -1,38 +1,30 @@
-"""Group DETR's query analysis (paper Sec. 3.3): perturbation distance PD and matching distance MD.
+"""Group DETR's query analysis (paper Sec. 3.3): perturbation distance PD, matching distance MD,
+and the picture of every group's query positions (Figure 3).
 
-Positions. In Conditional DETR a query's *position* is its reference point
-`p = sigmoid(ref_point_head(query_embed))` (normalised (x, y) in [0, 1]); it depends on the learned
-query embedding only, not on the image. Group g's queries are the slice [g*N, (g+1)*N).
+Positions (Sec. 3.3.1). A query's position P(q) is its normalised reference point (Conditional
+DETR), `GroupDETR.reference_points()`: (x, y) in [0, 1], a function of the learned query
+embedding only, not of the image. Group g's queries are the slice [g*N, (g+1)*N).
 
-Matching. For an image with ground-truth objects j = 1..M, group g is matched one-to-one to the
-ground truth by the training matcher (`GroupMatcher`, the focal/L1/GIoU costs) applied to the
-model's predictions; sigma_g(j) is the query of group g assigned to object j.
+PD (eq. 6) is pure geometry between groups: "the average distance between object queries from
+one group to the closest object queries from the other group". For two groups,
 
-What is implemented (notation: ||.|| is the Euclidean distance between normalised positions):
+    PD = 1/(2N) * sum_i ( ||P(q_i^1) - P(NN_2(q_i^1))|| + ||P(q_i^2) - P(NN_1(q_i^2))|| ),
 
-* Matching distance, MD (paper eq. 7): for every gt object j and every *pair of different groups*
-  g != h, the distance between the positions of the queries the two groups assign to j,
+NN_h(q) being the query of group h closest to q. With d(g -> h) = the mean over the N queries of
+group g of the distance to the nearest query of group h, that is (d(1 -> 2) + d(2 -> 1)) / 2.
+For K > 2 groups: PD = the mean of d(g -> h) over the K(K-1) ordered pairs g != h, and PD_first
+the mean over the 2(K-1) ordered pairs that include the first group (the one kept at
+inference). Undefined (NaN) for K = 1.
 
-      MD = mean over images, objects j, ordered pairs (g, h), g != h of
-           || p[sigma_g(j)] - p[sigma_h(j)] ||.
+MD (eq. 7): "the average distance between object queries in one group and object queries from
+other groups that match with the same gt object". With sigma_g(j) the query of group g that the
+training matcher (`GroupMatcher`, the focal/L1/GIoU costs) assigns to gt object j on the model's
+predictions, for two groups MD = 1/M sum_j ||P(q_sigma_1(j)) - P(q_sigma_2(j))||; for K > 2
+the mean over images, objects and ordered pairs of different groups (MD_first: the pairs that
+include the first group). NaN for K = 1.
 
-  It needs K >= 2 (NaN for K = 1).
-
-* Perturbation distance, PD (paper eq. 6): how far the assigned position moves when a group is
-  only *perturbed* instead of replaced by another learned group. The query embeddings of each
-  group are perturbed with Gaussian noise, q~ = q + eps * std(q) * n with n ~ N(0, I) (default
-  eps = 0.1), the model is run again with the perturbed queries (which moves their reference
-  points and their predictions), group g is matched again, giving sigma~_g(j) and positions p~; then
-
-      PD = mean over images, objects j, groups g of || p[sigma_g(j)] - p~[sigma~_g(j)] ||,
-
-  averaged over `num_perturbations` noise draws. PD compares a group with a perturbed copy of
-  *itself* (same group), MD compares *different* groups for the same gt object. The paper finds
-  MD well above PD: the extra groups are not small perturbations of one another but genuinely
-  different query sets (automatically learned query augmentation).
-
-`query_distances(model, images, mask, targets)` returns both (and per-group details);
-`plot_reference_points(model, path)` draws every group's reference points (paper Figure 3).
+The paper finds MD well above PD: a gt object is matched to queries from different regions
+in different groups, although the groups' positions are spread alike.
 """
 from typing import Dict, List, Optional, Sequence
 
@@ -42,152 +34,128 @@ from torch import Tensor
 from group_detr.matcher import GroupMatcher
 
 
-def reference_points(model, query_embed: Optional[Tensor] = None) -> Tensor:
-    """Normalised (x, y) reference points of the queries `(Q, 2)` (all K*N by default)."""
-    if query_embed is None:
-        query_embed = model.query_embed.weight
-    return model.transformer.decoder.ref_point_head(query_embed).sigmoid()
+def query_positions(model) -> Tensor:
+    """Every group's query positions `(K, N, 2)` (normalised reference points) of a GroupDETR."""
+    with torch.no_grad():
+        points = model.reference_points()
+    return points.detach().view(model.num_groups, model.num_queries, 2)
 
 
-@torch.no_grad()
-def forward_all_groups(model, images: Tensor, mask: Tensor, query_embed: Optional[Tensor] = None) -> Dict:
-    """The detector's forward with all K groups (separate self-attention per group), no gradients.
+def _pair_mask(num_groups: int, first_only: bool) -> Tensor:
+    """`(K, K)` bool: the ordered pairs (g, h), g != h, to average over."""
+    mask = ~torch.eye(num_groups, dtype=torch.bool)
+    if first_only:
+        first = torch.zeros(num_groups, num_groups, dtype=torch.bool)
+        first[0, :] = first[:, 0] = True
+        mask &= first
+    return mask
 
-    Works in eval mode (dropout off); `query_embed` `(K*N, d)` replaces the learned embeddings
-    (used for the perturbation). Returns pred_logits `(B, K*N, C)`, pred_boxes `(B, K*N, 4)` and
-    the reference points `(K*N, 2)`.
+
+def nearest_query_distances(positions: Tensor) -> Tensor:
+    """`(K, K)`: entry (g, h) is d(g -> h), the mean over group g's queries of the distance to
+    the nearest query of group h (positions `(K, N, 2)`; the diagonal is 0)."""
+    if positions.dim() != 3 or positions.shape[-1] != 2:
+        raise ValueError(f"positions must be (K, N, 2), got {tuple(positions.shape)}")
+    num_groups, num_queries, _ = positions.shape
+    flat = positions.reshape(num_groups * num_queries, 2).double()
+    dist = torch.cdist(flat, flat).view(num_groups, num_queries, num_groups, num_queries)
+    return dist.min(dim=3).values.mean(dim=1)  # (g, i, h) -> min over h's queries -> mean over i
+
+
+def perturbation_distance(positions: Tensor, first_only: bool = False) -> float:
+    """PD (eq. 6) of query positions `(K, N, 2)`: the mean of d(g -> h) over ordered pairs of
+    different groups (first_only: the pairs that include group 0). NaN for K = 1."""
+    num_groups = positions.shape[0]
+    if num_groups < 2:
+        return float("nan")
+    return float(nearest_query_distances(positions)[_pair_mask(num_groups, first_only)].mean())
+
+
+def matched_positions(outputs: Dict, targets: Sequence[Dict], matcher: GroupMatcher, num_groups: int,
+                      queries_per_group: int) -> List[Tensor]:
+    """Per image: `(K, M_i, 2)` position of the query of each group matched to each gt object
+    (NaN where a group leaves an object unmatched).
+
+    outputs: pred_logits `(B, K*N, C)`, pred_boxes `(B, K*N, 4)` and reference_points `(K*N, 2)`.
     """
-    if query_embed is None:
-        query_embed = model.query_embed.weight
-    layout = model.layout if model.num_groups > 1 else None
-    features, feat_mask, pos = model.backbone(images, mask)
-    hs, reference_unsigmoid = model.transformer(model.input_proj(features), feat_mask, query_embed, pos, layout)
-    box_offsets = model.bbox_embed(hs[-1])
-    centres = box_offsets[..., :2] + reference_unsigmoid
-    boxes = torch.cat((centres, box_offsets[..., 2:]), dim=-1).sigmoid()
-    return {"pred_logits": model.class_embed(hs[-1]), "pred_boxes": boxes,
-            "reference_points": reference_unsigmoid[0].sigmoid()}
-
-
-def _matched_positions(outputs: Dict, targets: Sequence[Dict], matcher: GroupMatcher, num_groups: int,
-                       queries_per_group: int) -> List[Tensor]:
-    """Per image: `(K, M_i, 2)` position of the query of each group matched to each gt object."""
     indices = matcher({"pred_logits": outputs["pred_logits"], "pred_boxes": outputs["pred_boxes"]},
                       list(targets), num_groups=num_groups)
-    points = outputs["reference_points"]
+    points = outputs["reference_points"].detach().cpu()
     result = []
     for (query_idx, target_idx), target in zip(indices, targets):
-        num_targets = len(target["labels"])
-        positions = torch.full((num_groups, num_targets, 2), float("nan"))
-        for q, t in zip(query_idx.tolist(), target_idx.tolist()):
-            positions[q // queries_per_group, t] = points[q].cpu()
+        positions = torch.full((num_groups, len(target["labels"]), 2), float("nan"), dtype=points.dtype)
+        query_idx, target_idx = query_idx.cpu(), target_idx.cpu()
+        positions[query_idx // queries_per_group, target_idx] = points[query_idx]
         result.append(positions)
     return result
 
 
-def matching_distance(positions: Sequence[Tensor]) -> float:
+def matching_distance(positions: Sequence[Tensor], first_only: bool = False) -> float:
     """MD (eq. 7) from per-image `(K, M, 2)` matched positions: mean over objects and ordered
-    pairs of different groups of the distance between their matched queries' positions."""
+    pairs of different groups (first_only: the pairs that include group 0) of the distance
+    between their matched queries' positions. NaN for K = 1 or no objects."""
     total, count = 0.0, 0
     for pos in positions:
         num_groups = pos.shape[0]
         if num_groups < 2 or pos.shape[1] == 0:
             continue
-        dist = torch.cdist(pos.permute(1, 0, 2), pos.permute(1, 0, 2))  # (M, K, K)
-        off_diag = ~torch.eye(num_groups, dtype=torch.bool)
-        values = dist[:, off_diag]
+        by_object = pos.permute(1, 0, 2).double()  # (M, K, 2)
+        values = torch.cdist(by_object, by_object)[:, _pair_mask(num_groups, first_only)]
         values = values[~torch.isnan(values)]
         total += float(values.sum())
         count += values.numel()
     return total / count if count else float("nan")
-
-
-def perturbation_distance(positions: Sequence[Tensor], perturbed: Sequence[Tensor]) -> float:
-    """PD (eq. 6): mean over objects and groups of the distance between the position matched in
-    a group and the position matched in the perturbed copy of the same group."""
-    total, count = 0.0, 0
-    for pos, pert in zip(positions, perturbed):
-        values = (pos - pert).norm(dim=-1).flatten()
-        values = values[~torch.isnan(values)]
-        total += float(values.sum())
-        count += values.numel()
-    return total / count if count else float("nan")
-
-
-def make_matcher(num_groups: int, set_cost_class: float = 2.0, set_cost_bbox: float = 5.0,
-                 set_cost_giou: float = 2.0, focal_alpha: float = 0.25) -> GroupMatcher:
-    return GroupMatcher(cost_class=set_cost_class, cost_bbox=set_cost_bbox, cost_giou=set_cost_giou,
-                        num_groups=num_groups, class_cost="focal", focal_alpha=focal_alpha)
 
 
 @torch.no_grad()
-def query_distances(model, images: Tensor, mask: Tensor, targets: Sequence[Dict],
-                    matcher: Optional[GroupMatcher] = None, noise: float = 0.1, num_perturbations: int = 1,
-                    seed: int = 0) -> Dict[str, float]:
-    """PD and MD of `model` on one batch (see the module docstring for the formulas).
+def query_distances(model, images: Tensor, mask: Tensor, targets: Sequence[Dict], matcher: GroupMatcher
+                    ) -> Dict[str, float]:
+    """PD, PD_first, MD and MD_first of a GroupDETR (see the module docstring).
 
-    targets: DETR-format dicts (labels, boxes normalised cxcywh). Returns {"PD", "MD",
-    "num_objects"}; MD is NaN for K = 1.
+    images `(B, 3, H, W)`, mask `(B, H, W)`, targets DETR-format dicts (labels, boxes normalised
+    cxcywh) for MD; matcher: the training matcher (`group_detr.engine.build_matcher(config)`).
+    The model runs in eval mode (dropout off); its mode is restored. Also returns num_objects.
     """
     was_training = model.training
     model.eval()
     try:
         num_groups, queries_per_group = model.num_groups, model.num_queries
-        matcher = matcher or make_matcher(num_groups)
         device = images.device
         targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
-        positions = _matched_positions(forward_all_groups(model, images, mask), targets, matcher,
-                                       num_groups, queries_per_group)
-        embed = model.query_embed.weight
-        scale = embed.view(num_groups, queries_per_group, -1).std(dim=(1, 2), keepdim=True)
-        generator = torch.Generator(device="cpu").manual_seed(seed)
-        pds = []
-        for _ in range(num_perturbations):
-            sample = torch.randn(embed.shape, generator=generator).to(embed)
-            perturbed_embed = (embed.view(num_groups, queries_per_group, -1)
-                               + noise * scale * sample.view(num_groups, queries_per_group, -1)).reshape(embed.shape)
-            perturbed = _matched_positions(forward_all_groups(model, images, mask, perturbed_embed), targets,
-                                           matcher, num_groups, queries_per_group)
-            pds.append(perturbation_distance(positions, perturbed))
-        return {"PD": float(sum(pds) / len(pds)), "MD": matching_distance(positions),
+        outputs = model.forward_all_groups(images, mask)
+        outputs["reference_points"] = model.reference_points()
+        positions = matched_positions(outputs, targets, matcher, num_groups, queries_per_group)
+        queries = query_positions(model)
+        return {"PD": perturbation_distance(queries), "PD_first": perturbation_distance(queries, first_only=True),
+                "MD": matching_distance(positions), "MD_first": matching_distance(positions, first_only=True),
                 "num_objects": int(sum(len(t["labels"]) for t in targets))}
     finally:
         model.train(was_training)
 
 
-def plot_reference_points(model, path: str, max_groups: int = 11, title: Optional[str] = None) -> str:
-    """Paper Figure 3: the reference points of every group's queries, one panel per group (plus
-    all groups overlaid). Returns `path`."""
+def plot_reference_points(positions: Tensor, path: str, title: Optional[str] = None) -> str:
+    """Paper Figure 3: the query positions `(K, N, 2)` of all groups in one panel, one colour per
+    group (image coordinates: x right, y down). Returns `path`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with torch.no_grad():
-        points = reference_points(model).cpu().view(model.num_groups, model.num_queries, 2)
-    groups = min(model.num_groups, max_groups)
-    panels = groups + (1 if groups > 1 else 0)
-    cols = min(panels, 6)
-    rows = (panels + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.2 * rows), squeeze=False)
-    colours = plt.cm.tab20(torch.linspace(0, 1, max(model.num_queries, 2)).numpy())
-    for index, ax in enumerate(axes.flat):
-        ax.set_xlim(0, 1)
-        ax.set_ylim(1, 0)  # image coordinates: y down
-        ax.set_aspect("equal")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        if index < groups:
-            ax.scatter(points[index, :, 0], points[index, :, 1], c=colours[: model.num_queries], s=14)
-            ax.set_title(f"group {index + 1}", fontsize=8)
-        elif index == groups and groups > 1:
-            for g in range(groups):
-                ax.scatter(points[g, :, 0], points[g, :, 1], s=5, alpha=0.7)
-            ax.set_title("all groups", fontsize=8)
-        else:
-            ax.axis("off")
-    fig.suptitle(title or f"reference points of the queries, K={model.num_groups}, N={model.num_queries}",
-                 fontsize=9)
+    positions = positions.detach().cpu()
+    num_groups, num_queries, _ = positions.shape
+    colours = plt.cm.tab20(torch.linspace(0, 1, max(num_groups, 2)).numpy()) if num_groups > 10 \
+        else plt.cm.tab10(range(num_groups))
+    fig, ax = plt.subplots(figsize=(5.2, 4.6))
+    for g in range(num_groups):
+        ax.scatter(positions[g, :, 0], positions[g, :, 1], s=18, color=colours[g], alpha=0.85,
+                   edgecolors="none", label=f"group {g + 1}")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(1, 0)
+    ax.set_aspect("equal")
+    ax.set_xlabel("x (normalised)")
+    ax.set_ylabel("y (normalised)")
+    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    ax.set_title(title or f"query positions (reference points), K={num_groups}, N={num_queries}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,4 +1,5 @@
-"""PD / MD (group_detr.analysis) on hand-made cases, and a smoke test of bench_convergence's core."""
+"""PD / MD (group_detr.analysis, paper eqs. 6-7) on hand-built positions with known answers, on a
+tiny model, and a smoke test of bench_convergence's core."""
 import json
 import math
 import os
@@ -7,8 +8,73 @@ import pytest
 import torch
 
 from group_detr import analysis
-from group_detr.engine import demo_config
+from group_detr.config import SYNTHETIC_PRESETS, TrainConfig, demo_config, synthetic_preset
+from group_detr.engine import build_matcher
 from group_detr.models.detector import build_group_detr
+
+
+def groups_of(*groups):
+    """(K, N, 2) from K lists of N (x, y) points."""
+    return torch.tensor(groups, dtype=torch.float64)
+
+
+def brute_force_pd(pos, first_only=False):
+    """Eq. 6 written out: for each ordered pair (g, h), g != h, the mean over group g's queries of
+    the distance to the closest query of group h; then the mean over the pairs."""
+    num_groups = len(pos)
+    pairs = [(g, h) for g in range(num_groups) for h in range(num_groups)
+             if g != h and (not first_only or 0 in (g, h))]
+    total = 0.0
+    for g, h in pairs:
+        total += sum(min(math.dist(p, q) for q in pos[h]) for p in pos[g]) / len(pos[g])
+    return total / len(pairs)
+
+
+# ----------------------------------------------------------------------------------------------
+# PD (eq. 6)
+
+
+def test_pd_of_two_groups_is_the_papers_formula():
+    # N = 2. Group 1: both queries at (0, 0), nearest in group 2 at 0.3 each; group 2: (0, 0.3)
+    # and (0, 1), nearest in group 1 at 0.3 and 1.0. Eq. 6: (0.3 + 0.3 + 0.3 + 1.0) / (2N).
+    pos = [[(0.0, 0.0), (0.0, 0.0)], [(0.0, 0.3), (0.0, 1.0)]]
+    assert analysis.perturbation_distance(groups_of(*pos)) == pytest.approx(1.9 / 4)
+    assert analysis.perturbation_distance(groups_of(*pos), first_only=True) == pytest.approx(1.9 / 4)
+
+
+def test_pd_of_a_shifted_copy_is_the_shift():
+    base = [(0.1, 0.1), (0.5, 0.2), (0.9, 0.8), (0.3, 0.7)]  # queries at least 0.3 apart
+    shifted = [(x + 0.03, y - 0.04) for x, y in base]
+    assert analysis.perturbation_distance(groups_of(base, shifted)) == pytest.approx(0.05)
+    assert analysis.perturbation_distance(groups_of(base, base[::-1])) == 0.0  # same set, other order
+
+
+def test_pd_of_three_groups_is_the_mean_over_ordered_pairs():
+    # d(0,1) = d(1,0) = 0.5, d(0,2) = d(2,0) = 0, d(1,2) = d(2,1) = 0.5
+    pos = groups_of([(0.0, 0.0)], [(0.3, 0.4)], [(0.0, 0.0)])
+    assert analysis.perturbation_distance(pos) == pytest.approx(2 / 6)
+    assert analysis.perturbation_distance(pos, first_only=True) == pytest.approx(0.25)
+    torch.testing.assert_close(analysis.nearest_query_distances(pos), torch.tensor(
+        [[0.0, 0.5, 0.0], [0.5, 0.0, 0.5], [0.0, 0.5, 0.0]], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("num_groups,num_queries", [(2, 1), (2, 5), (3, 4), (5, 3), (11, 10)])
+def test_pd_matches_the_written_out_formula_on_random_positions(num_groups, num_queries):
+    generator = torch.Generator().manual_seed(num_groups * 100 + num_queries)
+    pos = torch.rand(num_groups, num_queries, 2, generator=generator, dtype=torch.float64)
+    as_lists = pos.tolist()
+    assert analysis.perturbation_distance(pos) == pytest.approx(brute_force_pd(as_lists))
+    assert analysis.perturbation_distance(pos, first_only=True) == pytest.approx(brute_force_pd(as_lists, True))
+
+
+def test_pd_is_nan_for_one_group_and_checks_its_input():
+    assert math.isnan(analysis.perturbation_distance(torch.rand(1, 5, 2)))
+    with pytest.raises(ValueError, match=r"positions must be \(K, N, 2\), got \(2, 5\)"):
+        analysis.nearest_query_distances(torch.rand(2, 5))
+
+
+# ----------------------------------------------------------------------------------------------
+# MD (eq. 7)
 
 
 def test_matching_distance_two_groups():
@@ -18,9 +84,11 @@ def test_matching_distance_two_groups():
 
 
 def test_matching_distance_three_groups_mean_over_pairs():
-    # distances: d01 = 5, d02 = 0, d12 = 5 -> mean over the 6 ordered pairs = 10/3
+    # distances: d01 = 5, d02 = 0, d12 = 5 -> mean over the 6 ordered pairs = 10/3; over the
+    # pairs with group 0: (5 + 5 + 0 + 0) / 4
     positions = [torch.tensor([[[0.0, 0.0]], [[3.0, 4.0]], [[0.0, 0.0]]])]
     assert analysis.matching_distance(positions) == pytest.approx(10 / 3)
+    assert analysis.matching_distance(positions, first_only=True) == pytest.approx(2.5)
 
 
 def test_matching_distance_averages_objects_and_images_and_skips_unmatched():
@@ -31,12 +99,6 @@ def test_matching_distance_averages_objects_and_images_and_skips_unmatched():
 
 def test_matching_distance_is_nan_for_one_group():
     assert math.isnan(analysis.matching_distance([torch.zeros(1, 3, 2)]))
-
-
-def test_perturbation_distance():
-    pos = [torch.tensor([[[0.0, 0.0], [1.0, 1.0]]])]  # K=1, two objects
-    pert = [torch.tensor([[[0.0, 1.0], [1.0, 1.0]]])]
-    assert analysis.perturbation_distance(pos, pert) == pytest.approx(0.5)
 
 
 def test_matched_positions_follow_the_matching():
@@ -50,9 +112,14 @@ def test_matched_positions_follow_the_matching():
     refs = torch.tensor([[0.9, 0.9], [0.1, 0.2], [0.4, 0.6], [0.5, 0.5]])
     outputs = {"pred_logits": logits, "pred_boxes": boxes, "reference_points": refs}
     targets = [{"labels": torch.tensor([0]), "boxes": gt}]
-    positions = analysis._matched_positions(outputs, targets, analysis.make_matcher(2), 2, 2)
+    matcher = build_matcher(TrainConfig(num_groups=2))
+    positions = analysis.matched_positions(outputs, targets, matcher, 2, 2)
     assert torch.equal(positions[0], torch.tensor([[[0.1, 0.2]], [[0.4, 0.6]]]))
     assert analysis.matching_distance(positions) == pytest.approx(0.5)
+
+
+# ----------------------------------------------------------------------------------------------
+# on a model
 
 
 def _tiny_model(num_groups):
@@ -71,32 +138,42 @@ def _batch():
     return images, mask, targets
 
 
-def test_query_distances_zero_noise_and_identical_groups():
+def _distances(model):
     images, mask, targets = _batch()
+    return analysis.query_distances(model, images, mask, targets, build_matcher(TrainConfig(num_groups=model.num_groups)))
+
+
+def test_query_distances_of_identical_groups_are_zero():
     model = _tiny_model(3)
-    with torch.no_grad():  # every group a copy of group 0: the groups give identical matchings
+    with torch.no_grad():  # every group a copy of group 0: same positions, identical matchings
         weight = model.query_embed.weight.view(3, 4, -1)
         weight[1:] = weight[0]
-    result = analysis.query_distances(model, images, mask, targets, noise=0.0)
-    assert result["PD"] == pytest.approx(0.0, abs=1e-6)
-    assert result["MD"] == pytest.approx(0.0, abs=1e-6)
+    result = _distances(model)
+    for name in ("PD", "PD_first", "MD", "MD_first"):
+        assert result[name] == pytest.approx(0.0, abs=1e-6)
     assert result["num_objects"] == 3
     assert model.training  # the mode is restored
 
 
-def test_query_distances_random_groups():
-    images, mask, targets = _batch()
+def test_query_distances_of_random_groups():
     model = _tiny_model(3).eval()
-    result = analysis.query_distances(model, images, mask, targets, noise=0.1, num_perturbations=2)
-    assert 0 <= result["PD"] < 2 ** 0.5 and 0 < result["MD"] < 2 ** 0.5
+    result = _distances(model)
+    expected_pd = brute_force_pd(analysis.query_positions(model).tolist())
+    assert result["PD"] == pytest.approx(expected_pd) and 0 < result["PD"] < 2 ** 0.5
+    assert 0 < result["MD"] < 2 ** 0.5
     assert not model.training
-    one = analysis.query_distances(_tiny_model(1), images, mask, targets)
-    assert math.isnan(one["MD"]) and one["PD"] >= 0
+    one = _distances(_tiny_model(1))
+    assert math.isnan(one["PD"]) and math.isnan(one["MD"]) and one["num_objects"] == 3
 
 
 def test_plot_reference_points(tmp_path):
-    path = analysis.plot_reference_points(_tiny_model(3), str(tmp_path / "refs.png"))
+    pytest.importorskip("matplotlib")
+    path = analysis.plot_reference_points(analysis.query_positions(_tiny_model(11)), str(tmp_path / "refs.png"))
     assert os.path.getsize(path) > 0
+    from PIL import Image
+
+    with Image.open(path) as image:  # a real PNG with colours, not an empty canvas
+        assert image.format == "PNG" and len(image.convert("RGB").getcolors(maxcolors=1 << 20)) > 11
 
 
 def test_bench_convergence_core_smoke(tmp_path):
@@ -116,11 +193,20 @@ def test_bench_convergence_core_smoke(tmp_path):
         assert [e["epoch"] for e in run["epochs"]] == [1, 2]
         assert [d["step"] for d in run["distances"]] == [0, 2, 4]
         assert all(0 <= e["AP"] <= 1 or e["AP"] == -1 for e in run["epochs"])
-    assert math.isnan(results["runs"][0]["distances"][-1]["MD"])
-    assert results["runs"][1]["distances"][-1]["MD"] >= 0
+    one, two = results["runs"]
+    assert math.isnan(one["distances"][-1]["MD"]) and math.isnan(one["distances"][-1]["PD"])
+    assert two["distances"][-1]["MD"] >= 0
+    # PD of the final model is eq. 6 of its stored query positions
+    assert two["distances"][-1]["PD"] == pytest.approx(brute_force_pd(two["query_positions"]))
+    assert torch.tensor(two["query_positions"]).shape == (2, 3, 2)
     assert set(results["summary"]) == {"1", "2"} and len(results["summary"]["2"]["AP"]) == 2
+    assert results["summary"]["2"]["final"]["AP_small"]["n"] == 1 and results["summary"]["2"]["step_time_s"]["mean"] > 0
+    with open(tmp_path / "runs" / "K2-seed0" / "log.jsonl") as f:  # the callback's distances reach the run's log
+        assert [round(json.loads(line)["PD"], 6) for line in f] == [round(d["PD"], 6) for d in two["distances"][1:]]
     png = bench_convergence.plot(results, str(tmp_path / "convergence.png"))
     assert os.path.getsize(png) > 0
+    figure3 = bench_convergence.plot_query_positions(results, str(tmp_path / "positions.png"))
+    assert os.path.getsize(figure3) > 0
 
 
 def test_bench_convergence_parallel_runs_give_the_same_results(tmp_path):
@@ -157,8 +243,9 @@ def test_bench_convergence_quick_cli(tmp_path, monkeypatch):
     """`bench_convergence.py --quick`, the CI smoke test of the whole command: data, runs, files."""
     import bench_convergence
 
-    monkeypatch.setattr(bench_convergence, "DEMO_SYNTHETIC",
-                        {"num_train": 16, "num_val": 4, "image_size": 64, "max_objects": 2})
+    preset = demo_config().synthetic
+    monkeypatch.setitem(SYNTHETIC_PRESETS, preset,
+                        synthetic_preset(preset, num_train=16, num_val=4, image_size=64, max_objects=2))
     out = tmp_path / "convergence.json"
     results = bench_convergence.main(["--quick", "--data-dir", str(tmp_path / "data"), "--out", str(out),
                                       "--set", f"output_dir={tmp_path / 'runs'}", "max_train_images=16"])
@@ -167,3 +254,4 @@ def test_bench_convergence_quick_cli(tmp_path, monkeypatch):
     written = json.loads(out.read_text())
     assert [(r["num_groups"], len(r["epochs"])) for r in written["runs"]] == [(1, 2), (3, 2)]
     assert os.path.getsize(tmp_path / written["png"]) > 0
+    assert os.path.getsize(tmp_path / written["query_positions_png"]) > 0

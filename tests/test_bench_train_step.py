@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import bench_train_step as bench
-from group_detr.engine import demo_config
+from group_detr.config import demo_config
 
 
 @pytest.fixture(autouse=True, scope="module")

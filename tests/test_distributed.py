@@ -8,7 +8,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from group_detr.data import write_synthetic_dataset
-from group_detr.engine import TrainConfig, train
+from group_detr.config import TrainConfig
+from group_detr.engine import train
 from group_detr.matcher import GroupMatcher
 from group_detr.models import SetCriterion
 

@@ -1,4 +1,5 @@
-"""Training, evaluation, checkpoints and the command line (group_detr.engine, group_detr.__main__)."""
+"""Training, evaluation, checkpoints, presets and the command line (group_detr.engine, .checkpoint,
+.evaluation, .config, group_detr.__main__)."""
 import dataclasses
 import json
 import os
@@ -6,11 +7,14 @@ import os
 import pytest
 import torch
 
+import group_detr.checkpoint as checkpoint_module
 import group_detr.engine as engine
 from group_detr.__main__ import build_parser, main
 from group_detr.data import write_synthetic_dataset
-from group_detr.engine import (CHECKPOINT_FORMAT, TrainConfig, build_model, build_optimizer, demo_config,
-                               evaluate_checkpoint, load_checkpoint, save_checkpoint, train)
+from group_detr.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
+from group_detr.config import TrainConfig, demo_config
+from group_detr.engine import build_model, build_optimizer, evaluate_checkpoint, train
+from group_detr.evaluation import COCO_STAT_NAMES
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -45,7 +49,7 @@ def trained(synth_dir, tmp_path_factory):
 
 def test_train_then_evaluate_end_to_end(trained, capsys):
     config, result, lines = trained
-    assert set(result["stats"]) == set(engine.COCO_STAT_NAMES)
+    assert set(result["stats"]) == set(COCO_STAT_NAMES)
     assert 0.0 <= result["stats"]["AP"] <= 1.0
     assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]" in result["table"]
     assert any("predictions on 2 validation images" in line for line in lines)
@@ -128,7 +132,7 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatc
         f.write(b"half a checkpoint")
         raise KeyboardInterrupt  # e.g. Ctrl-C or a kill in the middle of the write
 
-    monkeypatch.setattr(engine.torch, "save", crashing_save)
+    monkeypatch.setattr(checkpoint_module.torch, "save", crashing_save)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint({"format": CHECKPOINT_FORMAT, "epoch": 2}, path)
     assert os.listdir(tmp_path) == ["checkpoint.pth"]  # no temporary file left behind
@@ -222,3 +226,54 @@ def test_cli_parses_every_config_field():
     assert args.resume is False and args.backbone == "resnet50"
     demo = build_parser().parse_args(["demo"])
     assert demo.backbone == "small" and demo.resume is True
+
+
+# ----------------------------------------------------------------------------------------------
+# presets and callbacks
+
+
+def test_synthetic_presets_are_one_registry():
+    from group_detr.config import DEMO_SYNTHETIC_PRESET, SYNTHETIC_PRESETS, synthetic_preset
+
+    assert demo_config().synthetic == DEMO_SYNTHETIC_PRESET in SYNTHETIC_PRESETS
+    assert demo_config().data_dir == f"data/synthetic-{DEMO_SYNTHETIC_PRESET}"
+    hard = synthetic_preset("hard", num_train=3)
+    assert (hard.num_train, hard.image_size) == (3, SYNTHETIC_PRESETS["hard"].image_size)
+    with pytest.raises(ValueError, match=r"unknown synthetic preset 'nope'; known: \['hard'"):
+        synthetic_preset("nope")
+    with pytest.raises(ValueError, match="config.synthetic must be None or one of"):
+        demo_config(synthetic="nope").validate()
+    # the CLI's synth command defaults to the same preset
+    args = build_parser().parse_args(["synth", "--out", "x"])
+    assert args.preset == DEMO_SYNTHETIC_PRESET and args.image_size is None
+
+
+def test_ensure_synthetic_dataset_refuses_other_settings(tmp_path, capsys):
+    from group_detr.data import ensure_synthetic_dataset
+
+    ensure_synthetic_dataset(str(tmp_path), "hard", num_train=2, num_val=1, image_size=48)
+    assert "writing the synthetic dataset" in capsys.readouterr().out
+    ensure_synthetic_dataset(str(tmp_path), "hard", num_train=2, num_val=1, image_size=48)  # found: no-op
+    assert capsys.readouterr().out == ""
+    with pytest.raises(ValueError, match="holds a synthetic dataset with other settings"):
+        ensure_synthetic_dataset(str(tmp_path), "hard", num_train=2, num_val=1, image_size=64)
+
+
+def test_callbacks_see_the_run(synth_dir, tmp_path):
+    events = []
+
+    class Recorder(engine.Callback):
+        def on_train_start(self, run):
+            events.append(("start", run.start_epoch, run.steps_per_epoch, run.model.training))
+
+        def on_epoch_end(self, run, record):
+            events.append(("epoch", record["epoch"], "val_AP" in record, run.lr_scheduler.last_epoch))
+            record["extra"] = record["epoch"] * 10  # reaches log.jsonl
+
+        def on_train_end(self, run, result):
+            events.append(("end", result["checkpoint"] == os.path.join(run.output_dir, "checkpoint.pth")))
+
+    result = train(tiny_config(synth_dir, str(tmp_path), eval_every=2), log=lambda _: None, callbacks=[Recorder()])
+    assert events == [("start", 0, 2, True), ("epoch", 1, False, 2), ("epoch", 2, True, 4), ("end", True)]
+    with open(result["log"]) as f:
+        assert [json.loads(line)["extra"] for line in f] == [10, 20]

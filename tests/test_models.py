@@ -320,7 +320,8 @@ def test_postprocess_returns_top_scores_in_pixels():
 def test_backbone_starts_from_a_detector_checkpoint(tmp_path):
     """backbone_weights may name one of our own checkpoints: the new detector takes its backbone
     (and nothing else) from it."""
-    from group_detr.engine import build_model, demo_config
+    from group_detr.config import demo_config
+    from group_detr.engine import build_model
 
     config = demo_config(small_widths=(8, 8, 8, 8), hidden_dim=16, nheads=2, dec_layers=1, dim_feedforward=16)
     torch.manual_seed(0)
@@ -332,3 +333,27 @@ def test_backbone_starts_from_a_detector_checkpoint(tmp_path):
         if name.startswith("backbone.body."):
             torch.testing.assert_close(a, b)
     assert not torch.equal(trained.query_embed.weight, fresh.query_embed.weight)
+
+
+def test_reference_points_and_forward_over_all_groups():
+    """The analysis API of the detector: reference_points() are the queries' box anchors (the
+    box head starts at zero offsets) and forward_all_groups() is the training forward."""
+    torch.manual_seed(0)
+    model = build_group_detr(3, num_groups=3, num_queries=4, backbone="small", hidden_dim=32, nheads=2,
+                             enc_layers=1, dec_layers=2, dim_feedforward=32, dropout=0.0, small_widths=(8, 8, 8, 8))
+    images = torch.randn(2, 3, 64, 64)
+    training = model.train()(images)
+    model.eval()
+    everything = model.forward_all_groups(images)
+    assert everything["pred_boxes"].shape == (2, 12, 4) and model(images)["pred_boxes"].shape == (2, 4, 4)
+    torch.testing.assert_close(everything["pred_boxes"], training["pred_boxes"])
+    torch.testing.assert_close(everything["pred_logits"], training["pred_logits"])
+    points = model.reference_points()
+    assert points.shape == (12, 2)
+    torch.testing.assert_close(everything["pred_boxes"][..., :2], points.expand(2, -1, -1))
+    # other query embeddings move the points and the predictions with them
+    other = torch.randn(12, 32)
+    moved = model.forward_all_groups(images, query_embed=other)
+    torch.testing.assert_close(moved["pred_boxes"][0, :, :2], model.reference_points(other))
+    with pytest.raises(ValueError, match=r"query_embed must be \(12, 32\) \(K\*N, d\), got \(4, 32\)"):
+        model.forward_all_groups(images, query_embed=other[:4])

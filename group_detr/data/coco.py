@@ -15,7 +15,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from PIL import Image, UnidentifiedImageError
-from pycocotools.coco import COCO
 from torch import Tensor
 
 from group_detr.data.transforms import Compose
@@ -23,8 +22,8 @@ from group_detr.data.transforms import Compose
 REQUIRED_KEYS = ("images", "annotations", "categories")
 
 
-def load_coco_annotations(path: str) -> COCO:
-    """Read and validate a COCO instances file; return a pycocotools COCO object.
+def load_coco_annotations(path: str):
+    """Read and validate a COCO instances file; return a `pycocotools.coco.COCO` object.
 
     Raises FileNotFoundError when the file is missing and ValueError, naming the file and the
     offending entry, when it is not valid COCO detection json.
@@ -63,6 +62,10 @@ def load_coco_annotations(path: str) -> COCO:
         if (not isinstance(bbox, (list, tuple)) or len(bbox) != 4
                 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox)):
             raise ValueError(f"annotation file {path}: annotation {ann.get('id')} has a malformed bbox {bbox!r} (want 4 finite numbers [x, y, w, h])")
+    # Imported here: training needs pycocotools, but importing group_detr (or building a model on
+    # a GPU image without it) must not.
+    from pycocotools.coco import COCO
+
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints "creating index..."

@@ -8,8 +8,9 @@
     out_dir/annotations/instances_val.json
 
 in the layout `group_detr.data.coco` reads (the same as COCO's `train2017/` + `annotations/`).
-It is the embedded default for the demo and the tests: small enough to generate in seconds, hard
-enough that a detector has to learn classes, sizes from small to large, overlaps and occlusion.
+The settings come from a named preset (`group_detr.config.SYNTHETIC_PRESETS`, e.g. "hard":
+classes, sizes from small to large, overlaps and occlusion on textured backgrounds), so the demo,
+the CLI, the tests and the benchmarks generate their data from one definition.
 
 Shapes are drawn one after another, so later shapes occlude earlier ones. Each annotation is the
 box of the *visible* pixels (what COCO annotates); a shape hidden by more than
@@ -17,18 +18,23 @@ box of the *visible* pixels (what COCO annotates); a shape hidden by more than
 Everything comes from one seeded numpy generator per split, so a given seed always gives the
 same files.
 """
+import dataclasses
 import json
 import math
 import os
-from typing import Dict, List, Tuple
+import time
+from typing import Callable, Dict, List, Tuple, Union
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from group_detr.config import DEMO_SYNTHETIC_PRESET, SyntheticPreset, synthetic_preset
 
 CLASS_NAMES = ("circle", "square", "triangle", "cross", "star")
 MIN_VISIBLE_FRACTION = 0.35
 EMPTY_IMAGE_PROBABILITY = 0.03
 SPLIT_SEED_OFFSET = {"train": 0, "val": 1_000_003}
+GENERATOR_SETTINGS_KEY = "group_detr_synthetic"  # in the annotation files' "info": the settings used
 
 
 def _polygon(kind: str, cx: float, cy: float, size: float, angle: float) -> List[Tuple[float, float]]:
@@ -71,7 +77,7 @@ def _shape_mask(kind: str, width: int, height: int, cx: float, cy: float, size: 
     return np.asarray(canvas) > 127
 
 
-def _background(rng: np.random.Generator, width: int, height: int, clutter: float = 1.0) -> np.ndarray:
+def _background(rng: np.random.Generator, width: int, height: int, clutter: float) -> np.ndarray:
     """A float `(height, width, 3)` textured background in [0, 255]: gradient + stripes + noise.
 
     `clutter` scales the gradient, texture and noise amplitudes (1 = the original mix, 0 = flat);
@@ -94,15 +100,16 @@ def _background(rng: np.random.Generator, width: int, height: int, clutter: floa
     return image
 
 
-def _render_image(rng: np.random.Generator, width: int, height: int, max_objects: int,
-                  min_object_size: float, clutter: float = 1.0, min_contrast: float = 0.0
+def _render_image(rng: np.random.Generator, width: int, height: int, preset: SyntheticPreset
                   ) -> Tuple[np.ndarray, List[Dict]]:
     """One image `(height, width, 3)` uint8 and its annotations (label, xywh box, visible area).
 
-    min_contrast: an object's colour differs from the background's mean colour by at least this
-    much (max over channels, 0-255); 0 draws colours freely (some shapes are then nearly invisible).
+    preset.min_contrast: an object's colour differs from the background's mean colour by at least
+    this much (max over channels, 0-255); 0 draws colours freely (some shapes are then nearly
+    invisible).
     """
-    image = _background(rng, width, height, clutter)
+    max_objects, min_object_size, min_contrast = preset.max_objects, preset.min_object_size, preset.min_contrast
+    image = _background(rng, width, height, preset.clutter)
     background_mean = image.reshape(-1, 3).mean(axis=0)
     num_objects = 0 if rng.random() < EMPTY_IMAGE_PROBABILITY else int(rng.integers(1, max_objects + 1))
     owner = np.full((height, width), -1, dtype=np.int64)  # index of the shape visible at a pixel
@@ -149,33 +156,32 @@ def _atomic_write_json(data: Dict, path: str) -> None:
     os.replace(tmp_path, path)
 
 
-def write_split(out_dir: str, split: str, num_images: int, image_size: int = 160,
-                max_objects: int = 6, seed: int = 0, min_object_size: int = 8, clutter: float = 1.0,
-                min_contrast: float = 0.0) -> str:
-    """Write `out_dir/{split}/*.jpg` and `out_dir/annotations/instances_{split}.json`.
+def write_split(out_dir: str, split: str, num_images: int, preset: SyntheticPreset) -> str:
+    """Write `out_dir/{split}/*.jpg` and `out_dir/annotations/instances_{split}.json` with the
+    generator settings of `preset` (its num_train / num_val are ignored: `num_images` counts).
 
     Returns the annotation file path. The json is written last and atomically, so its presence
-    means the split is complete.
+    means the split is complete; its "info" records the generator settings.
     """
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")
-    if image_size < 32:
-        raise ValueError(f"image_size must be >= 32 pixels, got {image_size}")
-    if max_objects < 1:
-        raise ValueError(f"max_objects must be >= 1, got {max_objects}")
-    if not 4 <= min_object_size <= 0.8 * image_size:
-        raise ValueError(f"min_object_size must be in [4, 0.8 * image_size], got {min_object_size}")
+    if preset.image_size < 32:
+        raise ValueError(f"image_size must be >= 32 pixels, got {preset.image_size}")
+    if preset.max_objects < 1:
+        raise ValueError(f"max_objects must be >= 1, got {preset.max_objects}")
+    if not 4 <= preset.min_object_size <= 0.8 * preset.image_size:
+        raise ValueError(f"min_object_size must be in [4, 0.8 * image_size], got {preset.min_object_size}")
     image_dir = os.path.join(out_dir, split)
     ann_dir = os.path.join(out_dir, "annotations")
     os.makedirs(image_dir, exist_ok=True)
     os.makedirs(ann_dir, exist_ok=True)
-    rng = np.random.default_rng(seed + SPLIT_SEED_OFFSET.get(split, 0))
+    rng = np.random.default_rng(preset.seed + SPLIT_SEED_OFFSET.get(split, 0))
     images, annotations = [], []
     for image_id in range(1, num_images + 1):
         # Mild aspect-ratio variation exercises padding masks in the collate.
-        height = image_size
-        width = int(round(image_size * float(rng.choice([1.0, 1.0, 0.75, 1.25]))))
-        pixels, objects = _render_image(rng, width, height, max_objects, min_object_size, clutter, min_contrast)
+        height = preset.image_size
+        width = int(round(preset.image_size * float(rng.choice([1.0, 1.0, 0.75, 1.25]))))
+        pixels, objects = _render_image(rng, width, height, preset)
         file_name = f"{image_id:06d}.jpg"
         Image.fromarray(pixels).save(os.path.join(image_dir, file_name), quality=92)
         images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
@@ -188,28 +194,58 @@ def write_split(out_dir: str, split: str, num_images: int, image_size: int = 160
     categories = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASS_NAMES)]
     ann_path = os.path.join(ann_dir, f"instances_{split}.json")
     _atomic_write_json({
-        "info": {"description": f"group-detr synthetic shapes, seed {seed}"},
+        "info": {"description": f"group-detr synthetic shapes, seed {preset.seed}",
+                 GENERATOR_SETTINGS_KEY: preset.generator_settings()},
         "images": images, "annotations": annotations, "categories": categories,
     }, ann_path)
     return ann_path
 
 
-def write_synthetic_dataset(out_dir: str, num_train: int = 1500, num_val: int = 200,
-                            image_size: int = 160, max_objects: int = 6, seed: int = 0,
-                            min_object_size: int = 8, clutter: float = 1.0,
-                            min_contrast: float = 0.0) -> Dict[str, str]:
-    """Write the train and val splits; returns {split: annotation file path}.
+def write_synthetic_dataset(out_dir: str, preset: Union[str, SyntheticPreset] = DEMO_SYNTHETIC_PRESET,
+                            **overrides) -> Dict[str, str]:
+    """Write the train and val splits of a synthetic preset; returns {split: annotation file path}.
 
-    clutter scales the background texture/gradient/noise, min_contrast is the least colour
-    difference between an object and the background mean (see `_render_image`)."""
-    extra = dict(min_object_size=min_object_size, clutter=clutter, min_contrast=min_contrast)
-    return {
-        "train": write_split(out_dir, "train", num_train, image_size, max_objects, seed, **extra),
-        "val": write_split(out_dir, "val", num_val, image_size, max_objects, seed, **extra),
-    }
+    preset: a name in `group_detr.config.SYNTHETIC_PRESETS` or a `SyntheticPreset` (default: the
+    demo's); overrides replace some of its fields (e.g. `num_train=8, image_size=64` for a test).
+    """
+    preset = resolve_preset(preset, **overrides)
+    return {"train": write_split(out_dir, "train", preset.num_train, preset),
+            "val": write_split(out_dir, "val", preset.num_val, preset)}
+
+
+def resolve_preset(preset: Union[str, SyntheticPreset], **overrides) -> SyntheticPreset:
+    """A preset name or object, with `overrides` applied."""
+    if isinstance(preset, str):
+        return synthetic_preset(preset, **overrides)
+    return dataclasses.replace(preset, **overrides)
 
 
 def synthetic_dataset_exists(out_dir: str) -> bool:
     """True when both annotation files exist (they are written last, so the splits are complete)."""
-    return all(os.path.isfile(os.path.join(out_dir, "annotations", f"instances_{s}.json"))
-               for s in ("train", "val"))
+    return all(os.path.isfile(_annotation_path(out_dir, s)) for s in ("train", "val"))
+
+
+def _annotation_path(out_dir: str, split: str) -> str:
+    return os.path.join(out_dir, "annotations", f"instances_{split}.json")
+
+
+def ensure_synthetic_dataset(out_dir: str, preset: Union[str, SyntheticPreset], log: Callable[[str], None] = print,
+                             **overrides) -> None:
+    """Write the preset's dataset to `out_dir` unless it is already there.
+
+    Raises ValueError when `out_dir` holds a synthetic dataset written with other settings
+    (a changed preset must not silently train on the old data).
+    """
+    preset = resolve_preset(preset, **overrides)
+    if synthetic_dataset_exists(out_dir):
+        with open(_annotation_path(out_dir, "train")) as f:
+            found = json.load(f).get("info", {}).get(GENERATOR_SETTINGS_KEY)
+        if found is not None and found != preset.generator_settings():
+            raise ValueError(f"{out_dir} holds a synthetic dataset with other settings ({found}) than the "
+                             f"requested ones ({preset.generator_settings()}): delete it or choose another "
+                             "data_dir")
+        return
+    log(f"writing the synthetic dataset to {out_dir} ...")
+    start = time.time()
+    write_synthetic_dataset(out_dir, preset)
+    log(f"done in {time.time() - start:.1f} s")

@@ -24,6 +24,10 @@ class GroupDETR(nn.Module):
 
     where Q = num_groups * num_queries in training and num_queries in eval. Group g's queries are
     the slice [g*N, (g+1)*N), the format GroupMatcher expects.
+
+    For analysis (paper Sec. 3.3): `reference_points()` gives every query's normalised position,
+    `forward_all_groups()` runs all K groups whatever the mode, optionally with other query
+    embeddings.
     """
 
     def __init__(self, backbone: Joiner, transformer: Transformer, num_classes: int,
@@ -56,17 +60,39 @@ class GroupDETR(nn.Module):
         """Queries this forward will run: K*N in training, N in eval."""
         return self.num_groups * self.num_queries if self.training else self.num_queries
 
+    def reference_points(self, query_embed: Optional[Tensor] = None) -> Tensor:
+        """Normalised (x, y) reference points `(Q, 2)` of query embeddings `(Q, d)` (default: all
+        K*N learned ones). They depend on the embeddings only, not on the image: the queries'
+        positions (paper Sec. 3.3.1)."""
+        if query_embed is None:
+            query_embed = self.query_embed.weight
+        return self.transformer.decoder.reference_logits(query_embed).sigmoid()
+
     def forward(self, images: Tensor, mask: Optional[Tensor] = None) -> Dict:
+        if self.training and self.num_groups > 1:
+            return self._forward(images, mask, self.query_embed.weight, self.layout)
+        # Inference keeps group 0 only; with layout=None no group code runs.
+        return self._forward(images, mask, self.query_embed.weight[: self.num_queries], None)
+
+    def forward_all_groups(self, images: Tensor, mask: Optional[Tensor] = None,
+                           query_embed: Optional[Tensor] = None) -> Dict:
+        """The training forward over all K groups (each group's self-attention its own) in either
+        mode; `query_embed` `(K*N, d)` replaces the learned embeddings. Returns what `forward`
+        does for Q = K*N queries (dropout as the mode says)."""
+        if query_embed is None:
+            query_embed = self.query_embed.weight
+        if query_embed.shape != self.query_embed.weight.shape:
+            raise ValueError(f"query_embed must be {tuple(self.query_embed.weight.shape)} (K*N, d), "
+                             f"got {tuple(query_embed.shape)}")
+        return self._forward(images, mask, query_embed, self.layout if self.num_groups > 1 else None)
+
+    def _forward(self, images: Tensor, mask: Optional[Tensor], query_embed: Tensor,
+                 layout: Optional[QueryLayout]) -> Dict:
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
         if mask is None:
             mask = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool, device=images.device)
         features, mask, pos = self.backbone(images, mask)
-        if self.training and self.num_groups > 1:
-            query_embed, layout = self.query_embed.weight, self.layout
-        else:
-            # Inference keeps group 0 only; with layout=None no group code runs.
-            query_embed, layout = self.query_embed.weight[: self.num_queries], None
         hs, reference_unsigmoid = self.transformer(self.input_proj(features), mask, query_embed, pos, layout)
         # hs (L, B, Q, d); box centres are offsets from the reference points, in logit space.
         box_offsets = self.bbox_embed(hs)

@@ -188,9 +188,13 @@ class ConditionalDecoder(nn.Module):
         self.query_scale = MLP(d_model, d_model, d_model, 2)
         self.ref_point_head = MLP(d_model, d_model, 2, 2)
 
+    def reference_logits(self, query_pos: Tensor) -> Tensor:
+        """The queries' reference points before the sigmoid `(..., 2)` from their embeddings `(..., d)`."""
+        return self.ref_point_head(query_pos)
+
     def forward(self, tgt: Tensor, memory: Tensor, memory_key_padding_mask: Optional[Tensor], pos: Tensor,
                 query_pos: Tensor, layout: Optional[QueryLayout]) -> Tuple[Tensor, Tensor]:
-        reference_unsigmoid = self.ref_point_head(query_pos)
+        reference_unsigmoid = self.reference_logits(query_pos)
         point_embed = sine_embed_of_points(reference_unsigmoid.sigmoid(), self.d_model)
         output = tgt
         intermediate = []

@@ -1,0 +1,64 @@
+"""Training checkpoints: atomic save, safe load (weights_only=True), model-configuration check.
+
+A checkpoint is a plain dict: `format` (CHECKPOINT_FORMAT), `model`, `optimizer`, `lr_scheduler`
+state dicts, `epoch` (epochs finished), `config` (`config_to_dict`), `num_classes` and
+`class_names`, so it loads with `torch.load(weights_only=True)` and never runs foreign code.
+"""
+import contextlib
+import os
+from typing import Dict
+
+import torch
+
+from group_detr.config import TrainConfig, config_to_dict
+
+CHECKPOINT_FORMAT = "group-detr-checkpoint-v1"
+CHECKPOINT_NAME = "checkpoint.pth"
+# Fields that fix the model's parameters: a checkpoint only loads into the same values.
+MODEL_FIELDS = ("backbone", "small_widths", "hidden_dim", "nheads", "enc_layers", "dec_layers",
+                "dim_feedforward", "num_queries", "num_groups")
+
+
+def save_checkpoint(state: Dict, path: str) -> None:
+    """Write atomically: a temporary file in the same directory, fsync, then rename.
+
+    A crash (or an exception in torch.save) leaves the previous checkpoint untouched and no
+    partial file under `path`.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp_path = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp_path, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp_path)
+        raise
+
+
+def load_checkpoint(path: str) -> Dict:
+    """Load a group-detr checkpoint with weights_only=True; clear errors for anything else."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated files and foreign pickles raise many different types
+        raise ValueError(f"cannot read checkpoint {path} (corrupt, or not saved by group-detr): {exc}") from exc
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a group-detr checkpoint (no format tag {CHECKPOINT_FORMAT!r})")
+    return checkpoint
+
+
+def check_checkpoint_matches(checkpoint: Dict, config: TrainConfig, num_classes: int, path: str = "checkpoint") -> None:
+    """Raise ValueError naming every model setting that differs between checkpoint and config."""
+    saved, current = checkpoint["config"], config_to_dict(config)
+    differences = [f"{name}: checkpoint {saved.get(name)!r}, this run {current[name]!r}"
+                   for name in MODEL_FIELDS if saved.get(name) != current[name]]
+    if checkpoint.get("num_classes") != num_classes:
+        differences.append(f"num_classes: checkpoint {checkpoint.get('num_classes')!r}, this run {num_classes!r}")
+    if differences:
+        raise ValueError(f"{path} was saved with another model configuration: " + "; ".join(differences))
