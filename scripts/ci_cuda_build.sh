@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The CUDA build, on a machine without a GPU: a second virtual environment with a CUDA build of
+# torch, a copy of the source tree built against it (CUDA solver included, with the toolkit that
+# setup.py finds), the library imported, and tests/test_cuda_build.py with
+# GROUP_DETR_EXPECT_CUDA_BUILD=1 (batched_lsa's CUDA kernel registered, sm_80/sm_90 machine code
+# and PTX in the library, the kernel's registers/stack/spills/shared memory within limits) plus
+# tests/test_lsa_cuda.py (the CUDA build's CPU paths; its GPU tests skip).
+#
+# The copy keeps the checkout's own in-place build (the CPU torch's group_detr/_C*.so) intact.
+# Without a CUDA toolkit it says so and exits 0. Settings (environment):
+#   PYTHON            interpreter for the venv (default python3)
+#   CUDA_TORCH        torch requirement (default torch==2.14.1, the CUDA 13.0 build; ~5.5 GB)
+#   CUDA_PACKAGES     further packages for the venv (default: the test dependencies)
+#   CUDA_BUILD_DIR    venv + source copy, reused between runs (default $TMPDIR/group-detr-cuda)
+#   CUDA_TESTS        test files to run in the copy (default: the two above)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO=$PWD
+PYTHON=${PYTHON:-python3}
+CUDA_TORCH=${CUDA_TORCH:-torch==2.14.1}
+CUDA_PACKAGES=${CUDA_PACKAGES:-"numpy scipy pillow pytest hypothesis"}
+CUDA_BUILD_DIR=${CUDA_BUILD_DIR:-${TMPDIR:-/tmp}/group-detr-cuda}
+CUDA_TESTS=${CUDA_TESTS:-"tests/test_cuda_build.py tests/test_lsa_cuda.py"}
+VENV=$CUDA_BUILD_DIR/venv
+SRC=$CUDA_BUILD_DIR/src
+start=$SECONDS
+step() { echo "== ci_cuda_build [$((SECONDS - start)) s] $*"; }
+
+# setup.py's own toolkit search decides, so that this script and the build agree.
+if ! "$PYTHON" - <<'EOF'
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("group_detr_setup", "setup.py")
+setup_py = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(setup_py)
+home = setup_py.find_cuda_home()
+print("CUDA toolkit:", home)
+sys.exit(0 if home else 1)
+EOF
+then
+    echo "ci_cuda_build: no CUDA toolkit (nvcc) found: the CUDA build is skipped"
+    exit 0
+fi
+
+step "venv $VENV: $CUDA_TORCH $CUDA_PACKAGES"
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel ninja
+# shellcheck disable=SC2086  # CUDA_PACKAGES is a list of requirements
+"$VENV/bin/python" -m pip install -q "$CUDA_TORCH" $CUDA_PACKAGES
+"$VENV/bin/python" -c "import torch; assert torch.version.cuda, 'not a CUDA build of torch'; \
+print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
+
+step "source copy $SRC (its build/ kept: ninja rebuilds only what changed)"
+mkdir -p "$SRC"
+git ls-files -z --cached --others --exclude-standard \
+    | tar --null --ignore-failed-read -T - -cf - | tar -xf - -C "$SRC"
+
+step "build against the CUDA torch"
+(cd "$SRC" && "$VENV/bin/python" setup.py -q build_ext --inplace)
+
+step "import and tests: $CUDA_TESTS"
+# shellcheck disable=SC2086
+(cd "$SRC" && GROUP_DETR_EXPECT_CUDA_BUILD=1 "$VENV/bin/python" -m pytest -q -p no:cacheprovider \
+    -rs $CUDA_TESTS)
+step "done"
