@@ -26,7 +26,7 @@ class ReferenceGroupMatcher(nn.Module):
     @torch.no_grad()
     def cost_matrix(self, outputs, targets):
         """DETR's batch-wide cost `(B, K*N, sum M)` on the outputs' device."""
-        bs, num_queries = outputs["pred_logits"].shape[:2]
+        bs, total_queries = outputs["pred_logits"].shape[:2]  # K*N
         logits = outputs["pred_logits"].flatten(0, 1).float()
         out_bbox = outputs["pred_boxes"].flatten(0, 1).float()
         tgt_ids = torch.cat([v["labels"] for v in targets])
@@ -42,7 +42,7 @@ class ReferenceGroupMatcher(nn.Module):
         cost_bbox = torch.cdist(out_bbox, tgt_bbox, p=1)
         cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(out_bbox), box_cxcywh_to_xyxy(tgt_bbox))
         cost = self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
-        return cost.view(bs, num_queries, -1)
+        return cost.view(bs, total_queries, -1)
 
     @torch.no_grad()
     def forward(self, outputs, targets, num_groups=None, group_detr=None):
