@@ -46,9 +46,16 @@ def has_lsa_warp_emulated() -> bool:
     return _C is not None and hasattr(torch.ops.group_detr, "batched_lsa_warp_emulated")
 
 
+@functools.lru_cache(maxsize=None)
+def has_match_cost_cpu() -> bool:
+    """The fused matching-cost op (csrc/cost) is built."""
+    return _C is not None and hasattr(torch.ops.group_detr, "match_cost")
+
+
 def lsa_cpu_scan() -> str:
     """The column scan the CPU solver runs here: "avx2", "portable", or "" without the
-    extension. GROUP_DETR_CPU_SCAN=portable forces the portable one (read at every call)."""
+    extension. GROUP_DETR_CPU_SCAN=portable forces the portable one, and the portable code of the
+    fused matching cost too (read at every call)."""
     return torch.ops.group_detr.cpu_scan_level() if has_lsa_cpu() else ""
 
 
@@ -59,13 +66,15 @@ def has_triton() -> bool:
 def backends() -> dict:
     """What this install can run: {name: bool}.
 
-    lsa_cpu / lsa_cuda: the compiled batched solver; scipy: the reference solver;
+    lsa_cpu / lsa_cuda: the compiled batched solver; match_cost_cpu: the fused matching cost
+    (group_detr.match_cost); scipy: the reference solver;
     triton: the Triton package is importable; triton_cuda: the attention kernel can run on a GPU
     (False after it failed to compile or launch here: see group_detr.kernels.disable).
     """
     return {
         "lsa_cpu": has_lsa_cpu(),
         "lsa_cuda": has_lsa_cuda(),
+        "match_cost_cpu": has_match_cost_cpu(),
         "scipy": importlib.util.find_spec("scipy") is not None,
         "triton": has_triton(),
         "triton_cuda": has_triton() and torch.cuda.is_available() and _kernels.failure() is None,
@@ -81,6 +90,14 @@ if _C is not None:
         matched = cost.new_empty((num_problems, num_cols), dtype=torch.int64)
         status = cost.new_empty((num_problems,), dtype=torch.int32)
         return matched, status
+
+    if has_match_cost_cpu():
+
+        @torch.library.register_fake("group_detr::match_cost")
+        def _match_cost_fake(logits, pred_boxes, labels, target_boxes, cost_class, cost_bbox,
+                             cost_giou, class_cost, focal_alpha, focal_gamma):
+            return logits.new_empty((logits.shape[0], logits.shape[1], labels.shape[1]),
+                                    dtype=torch.float32)
 
     if has_lsa_warp_emulated():
 

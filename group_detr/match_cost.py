@@ -1,15 +1,25 @@
 """The matching cost: class (focal or softmax) + L1 + GIoU between every query and every target.
 
-One function, `match_cost`, writes the padded `(B, Q, M_max)` cost that GroupMatcher solves. The
-torch path below is the reference; it reads only the logits at the target classes, so the
-transcendental functions run on B*Q*M entries instead of B*Q*C.
+One function, `match_cost`, writes the padded `(B, Q, M_max)` cost that GroupMatcher solves, by
+one of two backends:
+
+- "torch": the reference, torch ops (any device, float32). It reads only the logits at the
+  target classes, so the transcendental functions run on B*Q*M entries instead of B*Q*C.
+- "fused": the extension's `group_detr::match_cost` op (csrc/cost, CPU): one pass from the
+  inputs to the cost, AVX2 where the CPU has it, rows over the intra-op threads, no temporaries.
+  It agrees with the reference to a few float32 ulp (its exp/log are not torch's), not bitwise.
+
+"auto" takes "fused" for CPU tensors when it is built and no gradient is asked for, else "torch".
 """
 import torch
 from torch import Tensor
 
+from group_detr import _ext
 from group_detr.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 
 CLASS_COSTS = ("focal", "softmax")
+COST_BACKENDS = ("auto", "torch", "fused")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def class_cost_torch(logits: Tensor, labels: Tensor, class_cost: str = "focal",
@@ -45,10 +55,32 @@ def match_cost_torch(logits: Tensor, pred_boxes: Tensor, labels: Tensor, tgt_box
     return cost
 
 
+def resolve_cost_backend(backend: str, *tensors: Tensor) -> str:
+    """"torch" or "fused" for these inputs; ValueError for an unknown or unusable backend."""
+    if backend not in COST_BACKENDS:
+        raise ValueError(f"cost backend must be one of {COST_BACKENDS}, got {backend!r}")
+    fused_ok = (
+        _ext.has_match_cost_cpu()
+        and all(t.device.type == "cpu" for t in tensors)
+        and all(t.dtype in _FLOAT_DTYPES for t in tensors[:2])
+    )
+    if backend == "fused" and not fused_ok:
+        raise ValueError(
+            "cost backend 'fused' needs the built extension (group_detr._C) and float CPU "
+            f"tensors; extension built: {_ext.has_match_cost_cpu()}, devices: "
+            f"{sorted({str(t.device) for t in tensors})}, dtypes: "
+            f"{[str(t.dtype) for t in tensors[:2]]}"
+        )
+    if backend == "auto":
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors[:2])
+        return "fused" if fused_ok and not grad else "torch"
+    return backend
+
+
 def match_cost(logits: Tensor, pred_boxes: Tensor, labels: Tensor, tgt_boxes: Tensor,
                cost_class: float = 2.0, cost_bbox: float = 5.0, cost_giou: float = 2.0,
                class_cost: str = "focal", focal_alpha: float = 0.25,
-               focal_gamma: float = 2.0) -> Tensor:
+               focal_gamma: float = 2.0, backend: str = "auto") -> Tensor:
     """Padded matching cost of every query against every target of its image.
 
     Args:
@@ -56,11 +88,19 @@ def match_cost(logits: Tensor, pred_boxes: Tensor, labels: Tensor, tgt_boxes: Te
         pred_boxes: `(B, Q, 4)` predicted boxes, normalised cxcywh.
         labels: `(B, M_max)` int64 target classes in [0, C) (padding rows hold a valid class).
         tgt_boxes: `(B, M_max, 4)` target boxes, cxcywh (padding rows hold a valid box).
-        cost_class, cost_bbox, cost_giou: weights of the class, L1 and GIoU terms.
-        class_cost: "focal" or "softmax".
+        cost_class, cost_bbox, cost_giou: weights of the class, L1 and GIoU terms (a zero L1 or
+            GIoU weight skips its term).
+        class_cost: "focal" (Deformable DETR, DINO) or "softmax" (DETR: -prob).
         focal_alpha, focal_gamma: focal cost parameters.
+        backend: "auto", "torch" (the reference) or "fused" (the C++ op, CPU; no gradient).
 
     Returns: float32 `(B, Q, M_max)` cost.
     """
+    if class_cost not in CLASS_COSTS:
+        raise ValueError(f"class_cost must be one of {CLASS_COSTS}, got {class_cost!r}")
+    if resolve_cost_backend(backend, logits, pred_boxes, labels, tgt_boxes) == "fused":
+        return torch.ops.group_detr.match_cost(
+            logits, pred_boxes, labels, tgt_boxes, float(cost_class), float(cost_bbox),
+            float(cost_giou), class_cost, float(focal_alpha), float(focal_gamma))
     return match_cost_torch(logits, pred_boxes, labels, tgt_boxes, cost_class, cost_bbox,
                             cost_giou, class_cost, focal_alpha, focal_gamma)

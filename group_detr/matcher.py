@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from group_detr.assignment import _host_to_device, linear_sum_assignment, raise_for_status
 from group_detr.box_ops import check_boxes
-from group_detr.match_cost import CLASS_COSTS, match_cost
+from group_detr.match_cost import CLASS_COSTS, COST_BACKENDS, match_cost
 
 
 def _get(mapping, *keys, what):
@@ -91,6 +91,8 @@ class GroupMatcher(nn.Module):
         class_cost: "focal" (Deformable/Conditional DETR, DINO) or "softmax" (DETR: -prob).
         focal_alpha, focal_gamma: focal cost parameters.
         backend: solver backend, see `group_detr.linear_sum_assignment`.
+        cost_backend: how the cost is computed, see `group_detr.match_cost`: "auto" (the
+            fused C++ op on the CPU, torch elsewhere), "torch" (the reference) or "fused".
         return_device: keep the indices on the outputs' device instead of DETR's CPU tensors.
         validate: True: check the targets' values (`check_targets`) and raise ValueError for
             NaN/-inf costs (naming the image and group's problem); a host synchronisation on
@@ -114,6 +116,7 @@ class GroupMatcher(nn.Module):
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
         backend: str = "auto",
+        cost_backend: str = "auto",
         return_device: bool = False,
         validate: bool = True,
     ):
@@ -123,6 +126,8 @@ class GroupMatcher(nn.Module):
         if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
             raise ValueError("all matching cost weights are 0")
         _check_num_groups(num_groups)
+        if cost_backend not in COST_BACKENDS:
+            raise ValueError(f"cost_backend must be one of {COST_BACKENDS}, got {cost_backend!r}")
         self.cost_class = cost_class
         self.cost_bbox = cost_bbox
         self.cost_giou = cost_giou
@@ -131,6 +136,7 @@ class GroupMatcher(nn.Module):
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
         self.backend = backend
+        self.cost_backend = cost_backend
         self.return_device = return_device
         self.validate = validate
 
@@ -155,7 +161,8 @@ class GroupMatcher(nn.Module):
             targets, logits.shape[-1], logits.device, validate=self.validate
         )
         cost = match_cost(logits, pred_boxes, labels, tgt_boxes, self.cost_class, self.cost_bbox,
-                          self.cost_giou, self.class_cost, self.focal_alpha, self.focal_gamma)
+                          self.cost_giou, self.class_cost, self.focal_alpha, self.focal_gamma,
+                          backend=self.cost_backend)
         return cost, sizes
 
     @torch.no_grad()
