@@ -15,7 +15,7 @@ from group_detr.config import TrainConfig, config_to_dict
 CHECKPOINT_FORMAT = "group-detr-checkpoint-v1"
 CHECKPOINT_NAME = "checkpoint.pth"
 # Fields that fix the model's parameters: a checkpoint only loads into the same values.
-MODEL_FIELDS = ("backbone", "small_widths", "hidden_dim", "nheads", "enc_layers", "dec_layers",
+MODEL_FIELDS = ("backbone", "small_widths", "small_norm", "hidden_dim", "nheads", "enc_layers", "dec_layers",
                 "dim_feedforward", "num_queries", "num_groups")
 
 

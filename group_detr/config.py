@@ -78,7 +78,8 @@ class TrainConfig:
     # model
     backbone: str = "resnet50"
     backbone_weights: Optional[str] = None  # local torchvision-format checkpoint
-    small_widths: Tuple[int, int, int, int] = (32, 64, 128, 256)
+    small_widths: Tuple[int, ...] = (32, 64, 128, 256)  # the small CNN's stages; stride 2**len
+    small_norm: str = "batch"  # the small CNN's normalisation: "batch" or "group"
     hidden_dim: int = 256
     nheads: int = 8
     enc_layers: int = 6

@@ -46,7 +46,7 @@ def build_model(config: TrainConfig, num_classes: int) -> GroupDETR:
         num_classes, num_groups=config.num_groups, num_queries=config.num_queries, backbone=config.backbone,
         backbone_weights=config.backbone_weights, hidden_dim=config.hidden_dim, nheads=config.nheads,
         enc_layers=config.enc_layers, dec_layers=config.dec_layers, dim_feedforward=config.dim_feedforward,
-        dropout=config.dropout, small_widths=config.small_widths)
+        dropout=config.dropout, small_widths=config.small_widths, small_norm=config.small_norm)
 
 
 def build_matcher(config: TrainConfig) -> GroupMatcher:
@@ -209,11 +209,14 @@ class TrainingRun:
     train_loader: DataLoader
     val_loader: DataLoader
     start_epoch: int
-    output_dir: str
 
     @property
     def steps_per_epoch(self) -> int:
         return len(self.train_loader)
+
+    @property
+    def checkpoint_path(self) -> str:
+        return os.path.join(self.config.output_dir, CHECKPOINT_NAME)
 
 
 class Callback:
@@ -261,9 +264,9 @@ def _build_run(config: TrainConfig, info: distributed.DistInfo, log: Callable[[s
     lr_scheduler = build_lr_scheduler(optimizer, config, len(train_loader))
     run = TrainingRun(config, info, device, model, build_criterion(config, num_classes), optimizer, lr_scheduler,
                       train_set, val_set, train_loader, build_loader(val_set, config, train=False),
-                      start_epoch=0, output_dir=config.output_dir)
+                      start_epoch=0)
     os.makedirs(config.output_dir, exist_ok=True)
-    checkpoint_path = os.path.join(config.output_dir, CHECKPOINT_NAME)
+    checkpoint_path = run.checkpoint_path
     if config.resume and os.path.isfile(checkpoint_path):
         checkpoint = load_checkpoint(checkpoint_path)
         check_checkpoint_matches(checkpoint, config, num_classes, checkpoint_path)
@@ -281,7 +284,7 @@ def _train(config: TrainConfig, info: distributed.DistInfo, log: Callable[[str],
     device, model_without_ddp, optimizer, lr_scheduler = run.device, run.model, run.optimizer, run.lr_scheduler
     train_loader, val_set = run.train_loader, run.val_set
     num_classes = run.train_set.num_classes
-    checkpoint_path = os.path.join(config.output_dir, CHECKPOINT_NAME)
+    checkpoint_path = run.checkpoint_path
     log_path = os.path.join(config.output_dir, "log.jsonl")
     model = model_without_ddp
     if info.distributed:

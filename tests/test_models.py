@@ -339,8 +339,10 @@ def test_reference_points_and_forward_over_all_groups():
     """The analysis API of the detector: reference_points() are the queries' box anchors (the
     box head starts at zero offsets) and forward_all_groups() is the training forward."""
     torch.manual_seed(0)
+    # GroupNorm: the backbone computes the same in train and eval mode (BatchNorm would not).
     model = build_group_detr(3, num_groups=3, num_queries=4, backbone="small", hidden_dim=32, nheads=2,
-                             enc_layers=1, dec_layers=2, dim_feedforward=32, dropout=0.0, small_widths=(8, 8, 8, 8))
+                             enc_layers=1, dec_layers=2, dim_feedforward=32, dropout=0.0, small_widths=(8, 8, 8, 8),
+                             small_norm="group")
     images = torch.randn(2, 3, 64, 64)
     training = model.train()(images)
     model.eval()

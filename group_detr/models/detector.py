@@ -109,12 +109,13 @@ def build_group_detr(num_classes: int, num_groups: int = 11, num_queries: int = 
                      backbone_weights: Optional[str] = None, hidden_dim: int = 256, nheads: int = 8,
                      enc_layers: int = 6, dec_layers: int = 6, dim_feedforward: int = 2048,
                      dropout: float = 0.1, aux_loss: bool = True,
-                     small_widths=(32, 64, 128, 256)) -> GroupDETR:
+                     small_widths=(32, 64, 128, 256), small_norm: str = "batch") -> GroupDETR:
     """Build a Group DETR with Conditional DETR's defaults (d=256, 8 heads, 6+6 layers).
 
     backbone: "resnet50" (the paper's; load ImageNet weights with backbone_weights=PATH) or
-    "small" (a stride-16 CNN for the synthetic data and tests).
+    "small" (a from-scratch CNN of stride 2**len(small_widths), small_norm "batch" or "group",
+    for the synthetic data and tests).
     """
-    joiner = build_backbone(backbone, hidden_dim, backbone_weights, small_widths)
+    joiner = build_backbone(backbone, hidden_dim, backbone_weights, small_widths, small_norm)
     transformer = Transformer(hidden_dim, nheads, enc_layers, dec_layers, dim_feedforward, dropout)
     return GroupDETR(joiner, transformer, num_classes, num_queries, num_groups, aux_loss)
