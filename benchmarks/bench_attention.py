@@ -1,76 +1,55 @@
-"""Grouped self-attention: the Triton kernel vs the two ways DETR codebases do it.
+"""Grouped self-attention: the Triton kernel vs FlexAttention and the two ways DETR codebases do it.
 
     python benchmarks/bench_attention.py [--device auto|cpu|cuda] [--repeats N] [--quick]
+                                         [--paths masked folded flex triton]
 
 For every attention workload of workloads.json, on identical inputs `(B, H, L, D)`:
   "masked"  dense (L, L) boolean mask + SDPA (the mask built once, outside the timing, as DETR
             codebases build it once per step);
   "folded"  groups folded into the batch + SDPA (only for equal groups: skipped with denoising);
+  "flex"    torch's FlexAttention, compiled, with the layout's block mask (the block mask built
+            once, outside the timing; the first call, which compiles, is timed apart as
+            first_call_s). torch 2.13 has no FlexAttention backward on the CPU: there only its
+            forward is timed, and the JSON says so;
   "triton"  our kernel through `grouped_attention(backend="triton")`, the path users get (CUDA
             only: on a CPU-only machine the reference paths are timed and the kernel is reported
             as not measured).
 Each path is timed forward (no grad) and forward+backward; the outputs and gradients of every
-path are checked against "masked" before timing. Medians and ratios are printed as a table and
+path are checked against "masked" before timing (the first, compiling / autotuning, calls). Medians and ratios are printed as a table and
 written to results/attention-<device>.json, with a bar chart in results/attention-<device>.png
 when matplotlib is installed.
 
-On CPU the batch defaults to 1 and the repeats to 3, which keeps the run to about a minute on
-two cores (dense attention over L = 10100 queries is slow there); the JSON records the shapes
-actually run.
+On CPU the batch defaults to 1 and the repeats to 3, which keeps the reference paths to about a
+minute on two cores (dense attention over L = 10100 queries is slow there) and flex's compiles
+(one per shape) to a few more; the JSON records the shapes actually run.
 """
 import argparse
-import json
 import os
-import platform
-import re
 import statistics
-import sys
 import time
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-from workloads import load_workloads  # noqa: E402
+import common
+from workloads import load_workloads
 
-from group_detr.attention import folded_attention, grouped_attention, masked_attention  # noqa: E402
-from group_detr.layout import QueryLayout  # noqa: E402
+from group_detr.attention import (flex_attention, flex_block_mask, folded_attention,
+                                  grouped_attention, masked_attention)
+from group_detr.layout import QueryLayout
 
-PATHS = ("masked", "folded", "triton")
+PATHS = ("masked", "folded", "flex", "triton")
 PASSES = ("fwd", "fwd+bwd")
+# speedup columns: (numerator path, denominator path) -> denominator ms / numerator ms
+RATIOS = (("folded", "masked"), ("flex", "masked"), ("triton", "masked"), ("triton", "folded"),
+          ("triton", "flex"), ("flex", "folded"))
 # relative error ||path - masked|| / ||masked|| allowed per dtype (outputs and gradients)
 REL_TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 # ------------------------------------------------------------------------------------------------
-# device and workloads
+# workloads
 # ------------------------------------------------------------------------------------------------
-def device_name(device: torch.device) -> str:
-    """Short machine name for file names: cpu-<cores>core, or the GPU model (h100, h200, a100)."""
-    if device.type == "cpu":
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        return f"cpu-{cores}core"
-    words = torch.cuda.get_device_name(device).lower().replace("nvidia", "").split()
-    words = [w for w in words if w not in ("geforce", "tesla")]
-    if len(words) > 1 and words[0] in ("rtx", "gtx", "quadro"):  # "rtx 4090" -> "rtx4090"
-        words = [words[0] + words[1]] + words[2:]
-    return re.sub(r"[^a-z0-9]+", "-", words[0] if words else "cuda")
-
-
-def device_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:  # Linux: the CPU model
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f
-                         if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{model}, {torch.get_num_threads()} threads"
-
-
 def layout_of(spec) -> QueryLayout:
     return QueryLayout(num_groups=spec["groups"], queries_per_group=spec["queries_per_group"],
                        num_denoising=spec.get("denoising", 0),
@@ -86,15 +65,17 @@ def inputs(spec, layout, batch, dtype, device):
     return [t.requires_grad_() for t in (q, k, v)], grad_out
 
 
-def path_functions(layout, device, has_triton):
-    """name -> f(q, k, v) for the paths that can run this layout on this device."""
+def path_functions(layout, device, has_triton, wanted=PATHS):
+    """name -> f(q, k, v) for the paths of `wanted` that can run this layout on this device."""
     mask = layout.dense_mask(device)
     paths = {"masked": lambda q, k, v: masked_attention(q, k, v, layout, mask=mask)}
     if layout.is_equal_groups:
         paths["folded"] = lambda q, k, v: folded_attention(q, k, v, layout)
+    flex_block_mask(layout, device)  # built (and cached) outside the timing, like the mask
+    paths["flex"] = lambda q, k, v: flex_attention(q, k, v, layout)
     if has_triton:
         paths["triton"] = lambda q, k, v: grouped_attention(q, k, v, layout, backend="triton")
-    return paths
+    return {name: fn for name, fn in paths.items() if name in wanted or name == "masked"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -111,71 +92,58 @@ def relative_error(actual, expected) -> float:
 
 
 def check(paths, qkv, grad_out, dtype):
-    """Max relative error of each path's out, dQ, dK, dV against "masked"; raises if too big."""
+    """Each path's max relative error of out, dQ, dK, dV against "masked" (raises if too big),
+    the seconds of its first call (compile / autotune), and the paths that have no backward here
+    (FlexAttention on the CPU in torch 2.13) with the reason."""
     expected = forward_backward(paths["masked"], qkv, grad_out)
-    errors = {}
+    errors, first_call_s, no_backward = {}, {}, {}
     for name, fn in paths.items():
-        actual = forward_backward(fn, qkv, grad_out)
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = fn(*qkv)
+        first_call_s[name] = time.perf_counter() - start
+        try:
+            actual = forward_backward(fn, qkv, grad_out)
+        except NotImplementedError as exc:
+            no_backward[name] = str(exc).splitlines()[0]
+            actual = (out,)
         errors[name] = max(relative_error(a, e) for a, e in zip(actual, expected))
         if not errors[name] <= REL_TOLERANCE[dtype]:
             raise AssertionError(f"{name} disagrees with masked: relative error {errors[name]:.2e}"
                                  f" > {REL_TOLERANCE[dtype]:.0e}")
-    return errors
+    return errors, first_call_s, no_backward
 
 
-def timed(run, device, repeats, warmup):
-    """Milliseconds of each of `repeats` calls of run(), after `warmup` untimed calls."""
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            run()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end))
-        else:
-            start = time.perf_counter()
-            run()
-            times.append((time.perf_counter() - start) * 1e3)
-    return times
-
-
-def bench_workload(spec, batch, dtype, device, repeats, warmup, has_triton):
+def bench_workload(spec, batch, dtype, device, repeats, warmup, has_triton, wanted):
     layout = layout_of(spec)
     qkv, grad_out = inputs(spec, layout, batch, dtype, device)
-    paths = path_functions(layout, device, has_triton)
-    errors = check(paths, qkv, grad_out, dtype)  # also the first (compile / autotune) calls
+    paths = path_functions(layout, device, has_triton, wanted)
+    errors, first_call_s, no_backward = check(paths, qkv, grad_out, dtype)
     times = {}
     for name, fn in paths.items():
         def forward(fn=fn):
             with torch.no_grad():
                 fn(*qkv)
-        times[name] = {
-            "fwd": timed(forward, device, repeats, warmup),
-            "fwd+bwd": timed(lambda fn=fn: forward_backward(fn, qkv, grad_out), device, repeats,
-                             warmup),
-        }
-    medians = {name: {p: statistics.median(t[p]) for p in PASSES} for name, t in times.items()}
+        times[name] = {"fwd": common.time_calls(forward, device, repeats, warmup,
+                                                cuda_events=True)}
+        if name not in no_backward:
+            times[name]["fwd+bwd"] = common.time_calls(
+                lambda fn=fn: forward_backward(fn, qkv, grad_out), device, repeats, warmup,
+                cuda_events=True)
+    medians = {name: {p: statistics.median(t[p]) for p in t} for name, t in times.items()}
     return {
         "spec": spec, "shape": list(qkv[0].shape), "layout": repr(layout),
         "visible_fraction": layout.visible_fraction(), "max_rel_error_vs_masked": errors,
+        "first_call_s": first_call_s, "no_backward": no_backward,
         "times_ms": times, "median_ms": medians, "speedup": speedups(medians),
     }
 
 
 def speedups(medians):
-    """Ratios of medians: each path over "masked", and triton over folded."""
-    result = {}
-    for p in PASSES:
-        base = medians["masked"][p]
-        result[p] = {f"{name}_vs_masked": base / m[p] for name, m in medians.items()
-                     if name != "masked"}
-        if "triton" in medians and "folded" in medians:
-            result[p]["triton_vs_folded"] = medians["folded"][p] / medians["triton"][p]
-    return result
+    """Per pass, "<a>_vs_<b>" = b's median / a's median for each pair of RATIOS both measured."""
+    return {p: {f"{a}_vs_{b}": medians[b][p] / medians[a][p] for a, b in RATIOS
+                if p in medians.get(a, {}) and p in medians.get(b, {})}
+            for p in PASSES}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -183,18 +151,28 @@ def speedups(medians):
 # ------------------------------------------------------------------------------------------------
 def goals(results):
     """The issue's targets on a GPU: cond_detr_k11 fwd+bwd >= 0.8*K x masked and >= folded;
-    dino_k11_dn fwd+bwd >= 1.5x masked."""
+    dino_k11_dn fwd+bwd >= 1.5x masked; and on every workload triton at least flex's speed (its
+    strongest peer)."""
     checks = []
-    if "cond_detr_k11" in results and "triton" in results["cond_detr_k11"]["median_ms"]:
-        r = results["cond_detr_k11"]
-        need = 0.8 * r["spec"]["groups"]
-        got = r["speedup"]["fwd+bwd"]["triton_vs_masked"]
+
+    def ratio(name, p, key):
+        return results.get(name, {}).get("speedup", {}).get(p, {}).get(key)
+
+    got = ratio("cond_detr_k11", "fwd+bwd", "triton_vs_masked")
+    if got is not None:
+        need = 0.8 * results["cond_detr_k11"]["spec"]["groups"]
         checks.append((f"cond_detr_k11 fwd+bwd triton vs masked >= {need:.1f}x", got, got >= need))
-        got = r["speedup"]["fwd+bwd"]["triton_vs_folded"]
+    got = ratio("cond_detr_k11", "fwd+bwd", "triton_vs_folded")
+    if got is not None:
         checks.append(("cond_detr_k11 fwd+bwd triton vs folded >= 1.0x", got, got >= 1.0))
-    if "dino_k11_dn" in results and "triton" in results["dino_k11_dn"]["median_ms"]:
-        got = results["dino_k11_dn"]["speedup"]["fwd+bwd"]["triton_vs_masked"]
+    got = ratio("dino_k11_dn", "fwd+bwd", "triton_vs_masked")
+    if got is not None:
         checks.append(("dino_k11_dn fwd+bwd triton vs masked >= 1.5x", got, got >= 1.5))
+    for name in results:
+        for p in PASSES:
+            got = ratio(name, p, "triton_vs_flex")
+            if got is not None:
+                checks.append((f"{name} {p} triton vs flex >= 1.0x", got, got >= 1.0))
     return [{"goal": g, "measured": round(m, 3), "met": bool(ok)} for g, m, ok in checks]
 
 
@@ -207,7 +185,7 @@ def print_table(results):
 
     header = (f"{'workload':<15} {'pass':<8} {'shape (B,H,L,D)':<22}"
               + "".join(f"{name + ' ms':>11}" for name in PATHS)
-              + f" {'fold/mask':>9} {'trit/mask':>9} {'trit/fold':>9}")
+              + "".join(f" {a[:4] + '/' + b[:4]:>9}" for a, b in RATIOS))
     print(header)
     print("-" * len(header))
     for name, r in results.items():
@@ -215,21 +193,19 @@ def print_table(results):
             medians, ratios = r["median_ms"], r["speedup"][p]
             print(f"{name:<15} {p:<8} {str(tuple(r['shape'])):<22}"
                   + "".join(" " + ms(medians.get(path, {}).get(p)) for path in PATHS)
-                  + " " + ratio(ratios.get("folded_vs_masked"))
-                  + " " + ratio(ratios.get("triton_vs_masked"))
-                  + " " + ratio(ratios.get("triton_vs_folded")))
-    print("medians in ms; ratios are speedups: fold/mask = masked ms / folded ms, "
-          "trit/mask = masked ms / triton ms, trit/fold = folded ms / triton ms")
+                  + "".join(" " + ratio(ratios.get(f"{a}_vs_{b}")) for a, b in RATIOS))
+    print("medians in ms; ratios are speedups: a/b = b's ms / a's ms (> 1: a is faster)")
+    for name, r in results.items():
+        compiles = ", ".join(f"{path} {s:.1f} s" for path, s in r["first_call_s"].items())
+        print(f"first calls (compile / autotune included) {name}: {compiles}")
+        for path, why in r["no_backward"].items():
+            print(f"  {path} has no backward here: {why}")
 
 
 def plot(results, title, path):
     """Bar chart of median times per workload, one panel per pass (log scale)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install group-detr[plot])")
+    plt = common.pyplot()
+    if plt is None:
         return None
     names = list(results)
     fig, axes = plt.subplots(1, len(PASSES), figsize=(5 + 2 * len(names), 4.5), squeeze=False)
@@ -248,10 +224,7 @@ def plot(results, title, path):
         ax.set_title(p)
         ax.legend()
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return common.save_figure(fig, path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -270,7 +243,9 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                         help="default bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--workloads", nargs="*", default=None, help="names (default: all)")
-    parser.add_argument("--out-dir", default=os.path.join(HERE, "results"))
+    parser.add_argument("--paths", nargs="*", default=list(PATHS), choices=PATHS,
+                        help="contenders (masked always runs: it is the reference)")
+    parser.add_argument("--out-dir", default=common.RESULTS_DIR)
     return parser.parse_args(argv)
 
 
@@ -303,14 +278,15 @@ def main(argv=None):
     if unknown:
         raise SystemExit(f"unknown workloads {unknown}; known: {list(specs)}")
 
-    name = device_name(device)
-    print(f"device {name} ({device_description(device)}), {dtype}, repeats {repeats}, torch "
-          f"{torch.__version__}, triton {triton_version}")
+    environment = common.environment(device)
+    name = environment["machine"]
+    print(f"device {name} ({environment['device_name']}), {dtype}, repeats {repeats}, torch "
+          f"{torch.__version__}, triton {triton_version}, load {environment['load_average']}")
     results = {}
     for workload in names:
         spec = specs[workload]
         results[workload] = bench_workload(spec, batch or spec["batch"], dtype, device, repeats,
-                                           warmup, has_triton)
+                                           warmup, has_triton, args.paths)
         print(f"  {workload}: done")
     print()
     print_table(results)
@@ -318,23 +294,22 @@ def main(argv=None):
     for g in goal_checks:
         print(f"goal {g['goal']}: {g['measured']}x -> {'met' if g['met'] else 'NOT met'}")
 
-    os.makedirs(args.out_dir, exist_ok=True)
-    stem = os.path.join(args.out_dir, f"attention-{name}" + ("-quick" if args.quick else ""))
+    path = common.results_path("attention", name, quick=args.quick, directory=args.out_dir)
     report = {
-        "benchmark": "attention", "device": name, "device_description": device_description(device),
+        "benchmark": "attention", **environment, "device": name,
+        "device_description": environment["device_name"],
         "dtype": str(dtype).replace("torch.", ""), "repeats": repeats, "warmup": warmup,
         "quick": args.quick, "torch": torch.__version__, "triton": triton_version,
-        "threads": torch.get_num_threads(),
+        "paths": ["masked"] + [p for p in args.paths if p != "masked"],
         "triton_measured": has_triton,
         "note": None if has_triton else "the Triton kernel needs CUDA: only the reference paths "
-                                         "were timed",
+                                         "and flex were timed",
+        "load_average_after": list(os.getloadavg()),
         "goals": goal_checks, "workloads": results,
     }
-    with open(stem + ".json", "w") as f:
-        json.dump(report, f, indent=1)
-    print(f"wrote {stem}.json")
-    if plot(results, f"grouped self-attention, {name}, {report['dtype']}", stem + ".png"):
-        print(f"wrote {stem}.png")
+    common.write_results(report, path, indent=1)
+    plot(results, f"grouped self-attention, {name}, {report['dtype']}",
+         path[:-len(".json")] + ".png")
     return report
 
 

@@ -12,14 +12,20 @@ denoising prefix). Backends:
             do. Computes, and throws away, every masked score.
   "folded"  groups folded into the batch dimension + SDPA. Exact and cheap, but only for equal
             groups without a denoising prefix.
-  "auto"    "triton" on CUDA when Triton is installed and supports the input, otherwise the
-            cheapest reference ("folded" when possible, else "masked").
+  "flex"    torch's FlexAttention (`torch.nn.attention.flex_attention`, compiled) with a block
+            mask from the layout's `mask_mod`: PyTorch's own block-sparse attention, the peer of
+            our kernel. No dropout; no backward on the CPU (torch 2.13).
+  "auto"    picked per device by measurement (see `select_backend`): "triton" on CUDA when
+            the kernels take the input, else "folded" for equal groups, else "flex" on the CPU
+            when no gradient or dropout is needed, else "masked".
 
 This module holds no kernel code: the input contract is group_detr.kernels (`check_inputs`,
 `unsupported`), the Triton launchers group_detr.kernels.grouped_attention, imported on first use
 so the package works without Triton. Imports go attention -> kernels -> layout, never back.
 """
+import functools
 import math
+import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -29,7 +35,7 @@ from torch import Tensor, nn
 from group_detr import kernels
 from group_detr.layout import QueryLayout, resolve_layout
 
-BACKENDS = ("auto", "triton", "masked", "folded")
+BACKENDS = ("auto", "triton", "flex", "masked", "folded")
 
 
 def _default_scale(head_dim: int, scale: Optional[float]) -> float:
@@ -69,6 +75,52 @@ def folded_attention(q: Tensor, k: Tensor, v: Tensor, layout: QueryLayout, dropo
     out = F.scaled_dot_product_attention(q.reshape(fold), k.reshape(fold), v.reshape(fold),
                                          dropout_p=dropout_p, scale=scale)
     return out.reshape(batch, heads, length, head_dim)
+
+
+@functools.lru_cache(maxsize=64)
+def flex_block_mask(layout: QueryLayout, device: torch.device):
+    """FlexAttention `BlockMask` of `layout` on `device` (L = layout.total_queries), from the
+    layout's `mask_mod`; cached per (layout, device), since building it evaluates the mask over
+    all L*L pairs (11 s for L = 10100 on the 2-core CPU)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    length = layout.total_queries
+    return create_block_mask(layout.mask_mod(device), None, None, length, length, device=device)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_flex():
+    """torch.compile(flex_attention), made once: FlexAttention only fuses, and skips masked
+    blocks, when compiled (eager it materialises every score)."""
+    from torch.nn.attention.flex_attention import flex_attention as flex
+    return torch.compile(flex, dynamic=False)
+
+
+def flex_attention(q: Tensor, k: Tensor, v: Tensor, layout: QueryLayout, dropout_p: float = 0.0,
+                   scale: Optional[float] = None) -> Tensor:
+    """torch's FlexAttention with the layout's block mask: `(B, H, L, D)` -> `(B, H, L, D)`.
+
+    Compiled (through Triton on CUDA, inductor's C++ on the CPU; the first call of a shape
+    compiles: 80 s on the 2-core CPU). FlexAttention has no dropout, so dropout_p must be 0, and
+    in torch 2.13 no backward on the CPU (it raises NotImplementedError when a gradient is
+    needed there).
+    """
+    if dropout_p != 0.0:
+        raise ValueError(
+            f"the 'flex' backend has no attention dropout (FlexAttention has none), got "
+            f"dropout_p={dropout_p} (use backend='triton', 'masked' or 'folded')")
+    if q.device.type == "cpu" and any(t.requires_grad for t in (q, k, v)):
+        if torch.is_grad_enabled():
+            # raised before the compiled call: a failed trace leaves dynamo running flex eagerly
+            raise NotImplementedError(
+                f"the 'flex' backend has no backward on the CPU (FlexAttention in torch "
+                f"{torch.__version__} has none): run it under torch.no_grad() or use "
+                "backend='masked' or 'folded'")
+        q, k, v = q.detach(), k.detach(), v.detach()  # torch refuses them even under no_grad
+    block_mask = flex_block_mask(layout, q.device)
+    if torch.compiler.is_compiling():  # inside the caller's compiled region: let it fuse
+        from torch.nn.attention.flex_attention import flex_attention as flex
+        return flex(q, k, v, block_mask=block_mask, scale=scale)
+    return _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale)
 
 
 def dropout_keep_mask_reference(shape, dropout_p: float, seed: int, device) -> Tensor:
@@ -229,15 +281,53 @@ def _op_attention(q, k, v, layout, dropout_p, scale):
 # ------------------------------------------------------------------------------------------------
 # dispatch
 # ------------------------------------------------------------------------------------------------
-def select_backend(q: Tensor, layout: QueryLayout, backend: str = "auto") -> str:
-    """The concrete backend `grouped_attention` runs for these inputs."""
+_flex_failure: Optional[str] = None  # why "auto" stopped picking flex here (it failed to compile)
+
+
+def select_backend(q: Tensor, layout: QueryLayout, backend: str = "auto", dropout_p: float = 0.0,
+                   needs_grad: Optional[bool] = None) -> str:
+    """The concrete backend `grouped_attention` runs for these inputs.
+
+    "auto" picks by measurement (bench_attention.py, benchmarks/results/attention-cpu-2core.json:
+    2-core Xeon, float32, B=1, H=8, D=32, torch 2.13, load average 7-9 from other jobs):
+      * CUDA, input the kernels take: "triton". Not yet measured on a GPU (none has run it);
+        the device command's bench_attention.py run decides it against flex and folded there.
+      * equal groups: "folded". On the CPU it beat masked 5.4x / 6.6x (fwd+bwd, cond_detr_k11
+        L=3300 / lwdetr_k13 L=3900) and flex 5.3x / 4.5x (fwd: 36 vs 192 ms, 59 vs 268 ms).
+      * a denoising prefix on the CPU, no gradient and no dropout: "flex". Its forward beat
+        masked 3.9x on dino_k11_dn (L=10100: 1.9 s vs 7.5 s); the first call of a shape compiles
+        (10-25 s), repaid by the third call.
+      * otherwise "masked": on the CPU FlexAttention has no backward (torch 2.13), so training
+        with a denoising prefix has no faster exact path there.
+    `needs_grad` defaults to whether autograd will record q (grad mode on and q requires grad).
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
         return backend
     if _runs_kernels(q):
         return "triton"
-    return "folded" if layout.is_equal_groups else "masked"
+    if layout.is_equal_groups:
+        return "folded"
+    if needs_grad is None:
+        needs_grad = torch.is_grad_enabled() and q.requires_grad
+    if q.device.type == "cpu" and not needs_grad and dropout_p == 0.0 and _flex_failure is None:
+        return "flex"
+    return "masked"
+
+
+def _auto_flex(q, k, v, layout, scale):
+    """flex where "auto" picked it, and "masked" with one warning from then on where this
+    machine cannot compile it (no C++ compiler for inductor, say): "auto" never fails where a
+    reference path works."""
+    global _flex_failure
+    try:
+        return flex_attention(q, k, v, layout, scale=scale)
+    except Exception as error:  # noqa: BLE001  (whatever the compiler stack raises)
+        _flex_failure = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        warnings.warn(f"backend='auto': FlexAttention does not compile here ({_flex_failure}); "
+                      "using 'masked' instead from now on", RuntimeWarning, stacklevel=3)
+        return masked_attention(q, k, v, layout, scale=scale)
 
 
 def grouped_attention(q: Tensor, k: Tensor, v: Tensor, layout: QueryLayout,
@@ -250,17 +340,23 @@ def grouped_attention(q: Tensor, k: Tensor, v: Tensor, layout: QueryLayout,
         layout: a QueryLayout (groups and optional denoising prefix).
         dropout_p: attention-probability dropout (pass 0.0 in eval, as with SDPA).
         scale: softmax scale, default 1/sqrt(D).
-        backend: "auto" | "triton" | "masked" | "folded" (see the module docstring).
+        backend: "auto" | "triton" | "flex" | "masked" | "folded" (see the module docstring).
 
     Returns:
         `(B, H, L, D)`, q's dtype.
     """
     kernels.check_inputs(q, k, v, layout, dropout_p, scale)
-    backend = select_backend(q, layout, backend)
+    chosen = select_backend(q, layout, backend, dropout_p,
+                            torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
+    if chosen == "flex" and backend == "auto":
+        return _auto_flex(q, k, v, layout, scale)
+    backend = chosen
     if backend == "masked":
         return masked_attention(q, k, v, layout, dropout_p, scale)
     if backend == "folded":
         return folded_attention(q, k, v, layout, dropout_p, scale)
+    if backend == "flex":
+        return flex_attention(q, k, v, layout, dropout_p, scale)
     if q.is_cuda:  # on other devices the op runs the reference math: any head_dim and dtype
         kernels.check_supported(q)
     return _op_attention(q, k, v, layout, dropout_p, _default_scale(q.shape[-1], scale))

@@ -20,7 +20,8 @@ Visibility rules (True = the query may attend to the key):
 
 The layout is a list of contiguous segments (one per denoising group and one per matching group)
 plus a small (S, S) segment-visibility matrix. Kernels iterate over visible segments and never
-build an (L, L) mask; `dense_mask` builds one for the reference path and for users' own code.
+build an (L, L) mask; `dense_mask` builds one for the reference path and for users' own code,
+`mask_mod` gives the same rule to torch's FlexAttention.
 """
 from dataclasses import dataclass
 from numbers import Integral
@@ -172,6 +173,18 @@ class QueryLayout:
         visibility = torch.tensor(self.segment_visibility, dtype=torch.bool, device=device)
         ids = self.segment_ids(device)
         return visibility[ids[:, None], ids[None, :]]
+
+    def mask_mod(self, device=None):
+        """The layout as a FlexAttention `mask_mod(b, h, q_idx, kv_idx) -> bool` (True = may
+        attend, like `dense_mask`): a lookup of the (S, S) segment visibility by the segment ids
+        of the two positions, so `create_block_mask` skips the blocks no query of a block sees."""
+        visibility = torch.tensor(self.segment_visibility, dtype=torch.bool, device=device)
+        ids = self.segment_ids(device)
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return visibility[ids[q_idx], ids[kv_idx]]
+
+        return mask_mod
 
     def mha_attn_mask(self, device=None) -> Tensor:
         """bool `(L, L)` in `nn.MultiheadAttention`'s convention: True where attention is NOT

@@ -45,7 +45,8 @@ def naive_attention(q, k, v, layout, scale=None):
 @pytest.mark.parametrize("layout", LAYOUTS, ids=str)
 @pytest.mark.parametrize("backend", ["masked", "folded", "triton", "auto"])
 def test_backends_match_the_definition(layout, backend):
-    q, k, v = qkv(layout)
+    # inputs that need a gradient keep "auto" off flex, which compiles (tested below)
+    q, k, v = qkv(layout, grad=backend == "auto")
     if backend == "folded" and not layout.is_equal_groups:
         with pytest.raises(ValueError, match="'folded' backend needs equal groups"):
             grouped_attention(q, k, v, layout, backend=backend)
@@ -100,13 +101,39 @@ def test_denoising_queries_do_not_leak_into_matching_queries():
     assert torch.equal(out[:, :, matching], out2[:, :, matching])
 
 
-def test_auto_picks_the_cheapest_reference_on_cpu():
+def test_auto_picks_by_measurement_on_cpu():
+    """The CPU rules of select_backend: folded for equal groups; with a denoising prefix flex
+    when neither a gradient nor dropout is needed, masked otherwise."""
     q = torch.empty(1, 1, EQUAL.total_queries, 16)
+    q_dn = torch.empty(1, 1, DENOISING.total_queries, 16)
     assert select_backend(q, EQUAL) == "folded"
-    assert select_backend(torch.empty(1, 1, DENOISING.total_queries, 16), DENOISING) == "masked"
+    assert select_backend(q.requires_grad_(), EQUAL) == "folded"
+    assert select_backend(q_dn, DENOISING) == "flex"
+    assert select_backend(q_dn, DENOISING, needs_grad=True) == "masked"
+    assert select_backend(q_dn, DENOISING, dropout_p=0.1) == "masked"
+    assert select_backend(q_dn.requires_grad_(), DENOISING) == "masked"
+    with torch.no_grad():
+        assert select_backend(q_dn, DENOISING) == "flex"
     assert select_backend(q, EQUAL, "masked") == "masked"
     with pytest.raises(ValueError, match="backend must be one of"):
         select_backend(q, EQUAL, "flash")
+
+
+def test_auto_falls_back_to_masked_where_flex_does_not_compile(monkeypatch):
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("InductorError: no C++ compiler (simulated)\nmore lines")
+
+    monkeypatch.setattr(attention, "_flex_failure", None)
+    monkeypatch.setattr(attention, "flex_attention", no_compiler)
+    layout = DENOISING
+    q, k, v = qkv(layout, dtype=torch.float32)
+    with pytest.warns(RuntimeWarning, match="FlexAttention does not compile here .*no C\\+\\+ "
+                                            "compiler .*using 'masked'"):
+        out = grouped_attention(q, k, v, layout)
+    torch.testing.assert_close(out, masked_attention(q, k, v, layout))
+    assert select_backend(q, layout) == "masked"
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):  # asked for by name: raises
+        grouped_attention(q, k, v, layout, backend="flex")
 
 
 def test_kernel_failure_falls_back_to_the_reference_with_one_warning(monkeypatch):
@@ -227,6 +254,64 @@ def test_grouped_attention_dropout_in_expectation():
     assert not torch.equal(runs[0], runs[1])
     torch.testing.assert_close(runs.mean(0), grouped_attention(q, k, v, layout)[0],
                                atol=0.08, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# FlexAttention ("flex")
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def compiled_flex():
+    """Skip where this torch cannot compile FlexAttention (no C++ compiler for inductor's CPU
+    template, or a torch without it); the first compile takes 30-80 s on the 2-core CPU."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    layout = QueryLayout(2, 5)
+    q = torch.randn(1, 1, layout.total_queries, 16)
+    try:
+        attention.flex_attention(q, q, q, layout)
+    except Exception as exc:  # noqa: BLE001  (whatever the compiler stack raises)
+        pytest.skip(f"torch.compile cannot compile FlexAttention here: {type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0] if str(exc) else ''}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [EQUAL, DENOISING,
+                                    QueryLayout(2, 37, 12, 3, denoising_sees="first")], ids=str)
+def test_flex_matches_the_definition(compiled_flex, layout):
+    """Compiled FlexAttention with the layout's block mask equals the per-row definition (values;
+    its gradients on the CPU do not exist in torch 2.13, see below, and are tested on CUDA)."""
+    q, k, v = qkv(layout, dtype=torch.float32, grad=True)
+    with torch.no_grad():
+        out = grouped_attention(q, k, v, layout, scale=0.3, backend="flex")
+        auto = grouped_attention(q, k, v, layout, scale=0.3)  # flex for a denoising prefix
+    expected = naive_attention(*(t.detach().double() for t in (q, k, v)), layout, scale=0.3)
+    torch.testing.assert_close(out.double(), expected, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(auto.double(), expected, atol=2e-6, rtol=1e-5)
+
+
+def test_flex_block_mask_is_the_layout_cached_and_sparse():
+    """The block mask's mask_mod is the layout's dense mask, it is built once per (layout,
+    device), and for K equal groups it skips all but about 1/K of the blocks."""
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    layout = QueryLayout(11, 300)
+    block_mask = attention.flex_block_mask(layout, torch.device("cpu"))
+    assert block_mask is attention.flex_block_mask(layout, torch.device("cpu"))
+    # 128-wide blocks do not align with groups of 300: flex visits 16.5% of the pairs, 1.8x the
+    # 1/K that are visible (our kernel cuts its tiles at the groups and visits exactly 1/K)
+    visited = 1 - block_mask.sparsity() / 100
+    assert layout.visible_fraction() < visited < 2 * layout.visible_fraction()
+    for layout in LAYOUTS:
+        length = layout.total_queries
+        dense = flex.create_mask(layout.mask_mod(), None, None, length, length, device="cpu")
+        assert torch.equal(dense[0, 0], layout.dense_mask())
+
+
+def test_flex_bad_inputs():
+    layout = EQUAL
+    q, k, v = qkv(layout, dtype=torch.float32, grad=True)
+    with pytest.raises(ValueError, match="'flex' backend has no attention dropout"):
+        grouped_attention(q, k, v, layout, dropout_p=0.1, backend="flex")
+    with pytest.raises(NotImplementedError, match="'flex' backend has no backward on the CPU"):
+        grouped_attention(q, k, v, layout, backend="flex")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ of group_detr.attention.
 """
 import functools
 import math
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
@@ -282,33 +283,63 @@ def _dropout_mask_kernel(Keep, num_heads, seq_len, dropout_p, seed, BLOCK: tl.co
 
 
 # ------------------------------------------------------------------------------------------------
-# autotuning (CUDA only: the interpreter cannot benchmark). The tile size is fixed because the
-# schedule is cut in tiles; the inner block, warps and stages are tuned.
+# launch configurations: one committed choice per (kernel, head_dim, dtype, dropout, GPU), no
+# autotuning. Autotuning compiled all 12 candidate configurations on a key's first call (9-312 s
+# each key on the 2-core CPU's ptxas, up to 760 s for float32) and benchmarked inside that call,
+# which breaks a CUDA-graph capture or a first call inside torch.compile. The tile size is fixed
+# because the schedule is cut in tiles; the table picks the inner block, warps and stages.
 # ------------------------------------------------------------------------------------------------
-_KERNELS = {  # name -> (kernel, its inner-loop block argument)
+_KERNELS = {  # name -> (kernel, its inner-loop block argument or None)
     "fwd": (_fwd_kernel, "BLOCK_N"),
     "dkdv": (_bwd_dkdv_kernel, "BLOCK_M"),
     "dq": (_bwd_dq_kernel, "BLOCK_N"),
+    "preprocess": (_bwd_preprocess, None),
 }
 INTERPRETER_BLOCK = 32  # inner block under the interpreter: smaller than TILE, so tails show
 
 
-@functools.lru_cache(maxsize=None)
-def _tuned(name):
-    kernel, inner = _KERNELS[name]
-    configs = [triton.Config({inner: block}, num_warps=warps, num_stages=stages)
-               for block in (32, 64) for warps in (4, 8) for stages in (1, 2, 3)]
-    # every kernel overwrites its outputs, so re-running it while tuning is harmless
-    return triton.autotune(configs, key=["HEAD_DIM", "HAS_DROPOUT"])(kernel)
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Inner block (BLOCK_N / BLOCK_M; ignored by "preprocess"), warps and pipeline stages."""
+    block: int
+    num_warps: int
+    num_stages: int
+
+
+def launch_config(name: str, head_dim: int, dtype: torch.dtype, has_dropout: bool,
+                  capability: Tuple[int, int]) -> LaunchConfig:
+    """The configuration the launcher runs `name` with on a GPU of compute `capability`.
+
+    Chosen by the resource table of `python scripts/kernel_resources.py` (ptxas for sm_80 and
+    sm_90, benchmarks/results/kernel_resources-aot.json): the largest inner block that neither
+    spills registers nor passes the GPU's shared memory; not yet by a GPU timing (none has been
+    run). tests/test_kernel_aot.py compiles every choice of this function and fails on a spill
+    or a shared-memory overflow.
+    """
+    if name == "preprocess":
+        return LaunchConfig(TILE, 4, 1)
+    if dtype == torch.float32:
+        # full-precision dots keep float32 tiles in registers: 64-wide blocks spill (ptxas gives
+        # them a 6-18 KB stack frame), 32-wide blocks with 4 warps do not
+        return LaunchConfig(32, 4, 1)
+    if head_dim == 128:
+        return LaunchConfig(32, 4, 2)
+    return LaunchConfig(64, 4, 2)
 
 
 def _launch(name, grid, args, constants, device):
-    """Autotuned on CUDA; a fixed inner block and no tuning under the interpreter."""
+    """One launch: the committed configuration on CUDA (compiled on its first call, never
+    benchmarked), a fixed inner block under the interpreter."""
+    kernel, inner = _KERNELS[name]
     if device.type == "cuda" and not INTERPRETED:
-        _tuned(name)[grid](*args, **constants)
+        config = launch_config(name, constants["HEAD_DIM"], args[0].dtype,
+                               constants.get("HAS_DROPOUT", False),
+                               torch.cuda.get_device_capability(device))
+        blocks = {inner: config.block} if inner else {}
+        kernel[grid](*args, **constants, **blocks, num_warps=config.num_warps,
+                     num_stages=config.num_stages)
     else:
-        kernel, inner = _KERNELS[name]
-        kernel[grid](*args, **constants, **{inner: INTERPRETER_BLOCK})
+        kernel[grid](*args, **constants, **({inner: INTERPRETER_BLOCK} if inner else {}))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -427,9 +458,9 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
     grad_q, grad_k, grad_v = grads
 
     delta = torch.empty((batch, heads, length), dtype=torch.float32, device=q.device)
-    _bwd_preprocess[(triton.cdiv(length, TILE), batch * heads)](
-        out, grad_out, delta, *_strides(out), *_strides(grad_out), heads, length,
-        HEAD_DIM=head_dim, BLOCK_M=TILE)
+    _launch("preprocess", (triton.cdiv(length, TILE), batch * heads),
+            (out, grad_out, delta, *_strides(out), *_strides(grad_out), heads, length),
+            dict(HEAD_DIM=head_dim, BLOCK_M=TILE), q.device)
 
     common = dict(HEAD_DIM=head_dim, HAS_DROPOUT=dropout_p > 0.0, DOT_FP32=INTERPRETED,
                   PRECISION=_precision(q.dtype))
