@@ -5,12 +5,34 @@ truth, so each target gets K positives. Public implementations build DETR's batc
 `(B*K*N, sum M)` cost, copy it to the host and call scipy B*K times. Here the cost is built per
 image and group as one padded `(B*K, N, M_max)` tensor (B times fewer entries) and solved by one
 call of the batched solver.
+
+Switching from a public matcher: the criterion's call stays as it is (DETR's
+`matcher(outputs, targets)`, Conditional DETR's and LW-DETR's `group_detr=K` keyword, the same
+returned list of `(query_idx, target_idx)` int64 CPU tensors); only the matcher is built anew.
+  * DETR (models/matcher.py, build_matcher):
+        GroupMatcher(cost_class=args.set_cost_class, cost_bbox=args.set_cost_bbox,
+                     cost_giou=args.set_cost_giou, class_cost="softmax")
+  * Conditional DETR (GroupDETR branch), LW-DETR (models/matcher.py, build_matcher):
+        GroupMatcher(cost_class=args.set_cost_class, cost_bbox=args.set_cost_bbox,
+                     cost_giou=args.set_cost_giou, focal_alpha=args.focal_alpha)
+  * RF-DETR (rfdetr/models/matcher.py): as LW-DETR, plus for segmentation models
+    `cost_mask=<cost_mask_ce>, cost_dice=<cost_mask_dice>, mask_point_sample_ratio=<ratio>`, and
+    `validate=False` for RF-DETR's "replace non-finite costs and match on".
+  * Hugging Face transformers (DETR, Conditional/Deformable DETR, DAB-DETR, LW-DETR, RF-DETR):
+        from group_detr.integrations.transformers import use_group_matcher; use_group_matcher()
+Errors differ on purpose: a bad input raises ValueError or TypeError naming the target, image or
+problem (KeyError for a missing dict key), where those matchers raise AssertionError (DETR's box
+checks), IndexError (a class id past the logits) or scipy's ValueError without the problem.
 """
+import warnings
+from typing import Optional
+
 import torch
 from torch import Tensor, nn
 
 from group_detr.assignment import _host_to_device, linear_sum_assignment, raise_for_status
 from group_detr.box_ops import check_boxes
+from group_detr.mask_cost import check_masks, mask_cost_matrix, num_points_for
 from group_detr.match_cost import CLASS_COSTS, COST_BACKENDS, match_cost
 
 
@@ -94,6 +116,15 @@ class GroupMatcher(nn.Module):
         cost_backend: how the cost is computed, see `group_detr.match_cost`: "auto" (the
             fused C++ op on the CPU, torch elsewhere), "torch" (the reference) or "fused".
         return_device: keep the indices on the outputs' device instead of DETR's CPU tensors.
+        cost_mask, cost_dice: weights of Mask2Former's point-sampled sigmoid cross-entropy and
+            dice costs (`group_detr.mask_cost`), used when the outputs hold "pred_masks"
+            `(B, K*N, H, W)` and the targets "masks" `(M_i, H', W')`; 0 = masks ignored (with a
+            one-time warning if masks are given). RF-DETR's names: cost_mask_ce -> cost_mask,
+            cost_mask_dice -> cost_dice.
+        num_points: P, the points sampled per image (Mask2Former's 112 * 112).
+        mask_point_sample_ratio: RF-DETR's option: P = H*W // ratio of the predicted masks
+            (overrides num_points). Targets are sampled bilinearly, as Mask2Former does
+            (RF-DETR samples them at the nearest pixel).
         validate: True: check the targets' values (`check_targets`) and raise ValueError for
             NaN/-inf costs (naming the image and group's problem); a host synchronisation on
             CUDA. False: no value checks and, on CUDA, no host synchronisation; non-finite
@@ -119,12 +150,19 @@ class GroupMatcher(nn.Module):
         cost_backend: str = "auto",
         return_device: bool = False,
         validate: bool = True,
+        cost_mask: float = 0.0,
+        cost_dice: float = 0.0,
+        num_points: int = 112 * 112,
+        mask_point_sample_ratio: Optional[int] = None,
     ):
         super().__init__()
         if class_cost not in CLASS_COSTS:
             raise ValueError(f"class_cost must be one of {CLASS_COSTS}, got {class_cost!r}")
-        if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
+        if cost_class == 0 and cost_bbox == 0 and cost_giou == 0 and cost_mask == 0 and cost_dice == 0:
             raise ValueError("all matching cost weights are 0")
+        for name, value in (("num_points", num_points), ("mask_point_sample_ratio", mask_point_sample_ratio)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         _check_num_groups(num_groups)
         if cost_backend not in COST_BACKENDS:
             raise ValueError(f"cost_backend must be one of {COST_BACKENDS}, got {cost_backend!r}")
@@ -139,10 +177,19 @@ class GroupMatcher(nn.Module):
         self.cost_backend = cost_backend
         self.return_device = return_device
         self.validate = validate
+        self.cost_mask = cost_mask
+        self.cost_dice = cost_dice
+        self.num_points = num_points
+        self.mask_point_sample_ratio = mask_point_sample_ratio
+        self._warned_unused_masks = False
 
     @torch.no_grad()
     def cost_matrix(self, outputs, targets):
-        """Padded matching cost `(B, Q, M_max)` for Q = K*N queries, and the target counts M_i."""
+        """Padded matching cost `(B, Q, M_max)` for Q = K*N queries, and the target counts M_i.
+
+        Class + L1 + GIoU (`group_detr.match_cost`), plus the mask costs when the outputs hold
+        "pred_masks" and a mask weight is set (`group_detr.mask_cost`).
+        """
         logits = _get(outputs, "pred_logits", "logits", what="class logits")
         pred_boxes = _get(outputs, "pred_boxes", what="predicted boxes")
         if logits.dim() != 3 or pred_boxes.dim() != 3 or pred_boxes.shape[-1] != 4:
@@ -163,7 +210,24 @@ class GroupMatcher(nn.Module):
         cost = match_cost(logits, pred_boxes, labels, tgt_boxes, self.cost_class, self.cost_bbox,
                           self.cost_giou, self.class_cost, self.focal_alpha, self.focal_gamma,
                           backend=self.cost_backend)
+        pred_masks = outputs.get("pred_masks")
+        if pred_masks is not None:
+            cost = self._add_mask_cost(cost, pred_masks, targets, sizes)
         return cost, sizes
+
+    def _add_mask_cost(self, cost: Tensor, pred_masks: Tensor, targets, sizes) -> Tensor:
+        if not (self.cost_mask or self.cost_dice):
+            if not self._warned_unused_masks:
+                self._warned_unused_masks = True
+                warnings.warn("GroupMatcher: the outputs hold pred_masks but cost_mask and cost_dice "
+                              "are 0, so the matching ignores the masks (set them, e.g. Mask2Former's "
+                              "cost_mask=5, cost_dice=5)", UserWarning, stacklevel=2)
+            return cost
+        target_masks = [_get(t, "masks", what="target masks") for t in targets]
+        check_masks(pred_masks, target_masks, cost.shape[0], cost.shape[1], sizes)
+        num_points = num_points_for(pred_masks, self.num_points, self.mask_point_sample_ratio)
+        return cost + mask_cost_matrix(pred_masks, target_masks, cost.shape[2], self.cost_mask,
+                                       self.cost_dice, num_points)
 
     @torch.no_grad()
     def forward(self, outputs, targets, num_groups=None, group_detr=None):
