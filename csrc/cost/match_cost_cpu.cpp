@@ -27,7 +27,8 @@ bool use_avx2() {
 #ifdef GROUP_DETR_HAVE_AVX2_COST
   // GROUP_DETR_CPU_SCAN=portable forces the portable code here as in the solver (tests).
   const char* cap = std::getenv("GROUP_DETR_CPU_SCAN");
-  return !(cap != nullptr && std::string(cap) == "portable") && __builtin_cpu_supports("avx2");
+  return !(cap != nullptr && std::string(cap) == "portable") && __builtin_cpu_supports("avx2") &&
+         __builtin_cpu_supports("fma");
 #else
   return false;
 #endif
