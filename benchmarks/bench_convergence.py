@@ -56,10 +56,10 @@ def default_config(**overrides) -> TrainConfig:
     any K, too close to the floor to show a gain of a few points (README, "Does it reproduce the
     paper?"); `--epochs 12` gives the paper's schedule.
     """
-    demo = demo_config()
-    base = demo_config(epochs=24, data_dir=os.path.join(common.ROOT, demo.data_dir),
-                       output_dir=os.path.join(common.ROOT, "runs", "convergence"),
-                       eval_every=1, print_freq=10**9, resume=False)
+    demo = demo_config(**{k: v for k, v in overrides.items() if k == "synthetic"})  # data_dir follows the preset
+    base = dataclasses.replace(demo, epochs=24, data_dir=os.path.join(common.ROOT, demo.data_dir),
+                               output_dir=os.path.join(common.ROOT, "runs", "convergence"),
+                               eval_every=1, print_freq=10**9, resume=False)
     return dataclasses.replace(base, **overrides)
 
 

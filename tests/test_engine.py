@@ -271,7 +271,7 @@ def test_callbacks_see_the_run(synth_dir, tmp_path):
             record["extra"] = record["epoch"] * 10  # reaches log.jsonl
 
         def on_train_end(self, run, result):
-            events.append(("end", result["checkpoint"] == os.path.join(run.output_dir, "checkpoint.pth")))
+            events.append(("end", result["checkpoint"] == os.path.join(run.config.output_dir, "checkpoint.pth")))
 
     result = train(tiny_config(synth_dir, str(tmp_path), eval_every=2), log=lambda _: None, callbacks=[Recorder()])
     assert events == [("start", 0, 2, True), ("epoch", 1, False, 2), ("epoch", 2, True, 4), ("end", True)]
