@@ -95,7 +95,8 @@ if _C is not None:
 
         @torch.library.register_fake("group_detr::match_cost")
         def _match_cost_fake(logits, pred_boxes, labels, target_boxes, cost_class, cost_bbox,
-                             cost_giou, class_cost, focal_alpha, focal_gamma):
+                             cost_giou, class_cost, focal_alpha, focal_gamma,
+                             num_targets=None):
             return logits.new_empty((logits.shape[0], logits.shape[1], labels.shape[1]),
                                     dtype=torch.float32)
 

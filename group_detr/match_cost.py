@@ -80,7 +80,7 @@ def resolve_cost_backend(backend: str, *tensors: Tensor) -> str:
 def match_cost(logits: Tensor, pred_boxes: Tensor, labels: Tensor, tgt_boxes: Tensor,
                cost_class: float = 2.0, cost_bbox: float = 5.0, cost_giou: float = 2.0,
                class_cost: str = "focal", focal_alpha: float = 0.25,
-               focal_gamma: float = 2.0, backend: str = "auto") -> Tensor:
+               focal_gamma: float = 2.0, num_targets=None, backend: str = "auto") -> Tensor:
     """Padded matching cost of every query against every target of its image.
 
     Args:
@@ -92,6 +92,9 @@ def match_cost(logits: Tensor, pred_boxes: Tensor, labels: Tensor, tgt_boxes: Te
             GIoU weight skips its term).
         class_cost: "focal" (Deformable DETR, DINO) or "softmax" (DETR: -prob).
         focal_alpha, focal_gamma: focal cost parameters.
+        num_targets: optional B ints, the valid targets M_i per image. The fused op then
+            computes only image i's first M_i columns and leaves the padding at 0 (the solver
+            never reads it); the torch path computes every column.
         backend: "auto", "torch" (the reference) or "fused" (the C++ op, CPU; no gradient).
 
     Returns: float32 `(B, Q, M_max)` cost.
@@ -101,6 +104,7 @@ def match_cost(logits: Tensor, pred_boxes: Tensor, labels: Tensor, tgt_boxes: Te
     if resolve_cost_backend(backend, logits, pred_boxes, labels, tgt_boxes) == "fused":
         return torch.ops.group_detr.match_cost(
             logits, pred_boxes, labels, tgt_boxes, float(cost_class), float(cost_bbox),
-            float(cost_giou), class_cost, float(focal_alpha), float(focal_gamma))
+            float(cost_giou), class_cost, float(focal_alpha), float(focal_gamma),
+            None if num_targets is None else [int(m) for m in num_targets])
     return match_cost_torch(logits, pred_boxes, labels, tgt_boxes, cost_class, cost_bbox,
                             cost_giou, class_cost, focal_alpha, focal_gamma)

@@ -209,7 +209,7 @@ class GroupMatcher(nn.Module):
         )
         cost = match_cost(logits, pred_boxes, labels, tgt_boxes, self.cost_class, self.cost_bbox,
                           self.cost_giou, self.class_cost, self.focal_alpha, self.focal_gamma,
-                          backend=self.cost_backend)
+                          num_targets=sizes, backend=self.cost_backend)
         pred_masks = outputs.get("pred_masks")
         if pred_masks is not None:
             cost = self._add_mask_cost(cost, pred_masks, targets, sizes)

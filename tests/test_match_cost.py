@@ -140,8 +140,11 @@ def test_assignment_on_workloads(name, class_cost):
         matcher = GroupMatcher(num_groups=num_groups, class_cost=class_cost, cost_backend=backend)
         costs[backend], sizes = matcher.cost_matrix(outputs, targets)
     fused, reference = costs["fused"], costs["torch"]
-    torch.testing.assert_close(fused, reference, atol=ATOL, rtol=RTOL)
-    eps = (fused.double() - reference.double()).abs().max().item()
+    valid = torch.arange(fused.shape[-1]) < torch.tensor(sizes)[:, None, None]
+    torch.testing.assert_close(fused[valid.expand_as(fused)],
+                               reference[valid.expand_as(fused)], atol=ATOL, rtol=RTOL)
+    assert not fused[~valid.expand_as(fused)].any()  # the padding the solver never reads: 0
+    eps = (fused.double() - reference.double())[valid.expand_as(fused)].abs().max().item()
 
     counts = torch.tensor(sizes).repeat_interleave(num_groups)
     problems = [c.reshape(-1, n, c.shape[-1]) for c in (fused, reference)]
@@ -166,6 +169,24 @@ def test_assignment_on_workloads(name, class_cost):
     assert same >= len(ours) - int(differ.sum())
 
 
+@pytest.mark.parametrize("class_cost", ["focal", "softmax"])
+def test_num_targets_computes_only_valid_columns(simd, class_cost):
+    gen = torch.Generator().manual_seed(7)
+    inputs = random_inputs(gen, 4, 30, 7, 19)
+    sizes = [0, 19, 3, 8]
+    fused = match_cost(*inputs, class_cost=class_cost, num_targets=sizes, backend="fused")
+    reference = match_cost_torch(*inputs, class_cost=class_cost)
+    for b, m in enumerate(sizes):
+        torch.testing.assert_close(fused[b, :, :m], reference[b, :, :m], atol=ATOL, rtol=RTOL)
+        assert not fused[b, :, m:].any()
+    # padding labels are not read: any value there is fine
+    labels = inputs[2].clone()
+    labels[2, 3:] = -5
+    padded_bad = match_cost(inputs[0], inputs[1], labels, inputs[3], class_cost=class_cost,
+                            num_targets=sizes, backend="fused")
+    assert torch.equal(padded_bad, fused)
+
+
 def test_auto_keeps_the_gradient_path():
     gen = torch.Generator().manual_seed(3)
     logits, pred_boxes, labels, tgt_boxes = random_inputs(gen, 1, 5, 4, 3)
@@ -183,8 +204,9 @@ def test_opcheck():
     for batch, queries, classes, targets in ((2, 7, 5, 3), (1, 4, 3, 0), (0, 3, 2, 2)):
         inputs = random_inputs(gen, batch, queries, classes, targets)
         for class_cost in ("focal", "softmax"):
-            torch.library.opcheck(torch.ops.group_detr.match_cost.default,
-                                  (*inputs, 2.0, 5.0, 2.0, class_cost, 0.25, 2.0))
+            for num_targets in (None, [min(targets, 1 + b) for b in range(batch)]):
+                torch.library.opcheck(torch.ops.group_detr.match_cost.default,
+                                      (*inputs, 2.0, 5.0, 2.0, class_cost, 0.25, 2.0, num_targets))
 
 
 def test_compiles_with_torch_compile():
@@ -229,9 +251,13 @@ def test_fused_refuses_integer_inputs():
     ("label_high", ValueError, r"target label 4 \(image 1, target 2\) is not a class id"),
     ("label_negative", ValueError, "target label -1"),
     ("no_classes", ValueError, "logits have no classes"),
+    ("num_targets_length", ValueError, "num_targets must have B = 2 entries"),
+    ("num_targets_high", ValueError, r"num_targets\[1\] = 4 is outside \[0, M = 3\]"),
+    ("num_targets_negative", ValueError, r"num_targets\[0\] = -1"),
 ])
 def test_op_bad_input(case, error, message):
     logits, pred_boxes, labels, tgt_boxes = good_inputs()
+    num_targets = None
     if case == "logits_2d":
         logits = logits[0]
     elif case == "pred_boxes_shape":
@@ -254,17 +280,25 @@ def test_op_bad_input(case, error, message):
         labels[0, 0] = -1
     elif case == "no_classes":
         logits = logits[..., :0]
+    elif case == "num_targets_length":
+        num_targets = [3]
+    elif case == "num_targets_high":
+        num_targets = [3, 4]
+    elif case == "num_targets_negative":
+        num_targets = [-1, 2]
     with pytest.raises(error, match=message):
         torch.ops.group_detr.match_cost(logits, pred_boxes, labels, tgt_boxes, 2.0, 5.0, 2.0,
-                                        "focal", 0.25, 2.0)
+                                        "focal", 0.25, 2.0, num_targets)
 
 
 def test_matcher_reports_the_cost_backend_in_use():
     """GroupMatcher on the CPU uses the fused op by default; its cost equals the reference."""
     spec = dict(WORKLOADS["coco_k11"], batch=2)
     outputs, targets = matcher_inputs(spec)
-    auto, _ = GroupMatcher(num_groups=11).cost_matrix(outputs, targets)
+    auto, sizes = GroupMatcher(num_groups=11).cost_matrix(outputs, targets)
     fused, _ = GroupMatcher(num_groups=11, cost_backend="fused").cost_matrix(outputs, targets)
     torch_cost, _ = GroupMatcher(num_groups=11, cost_backend="torch").cost_matrix(outputs, targets)
     assert torch.equal(auto, fused) and not torch.equal(fused, torch_cost)
-    np.testing.assert_allclose(fused.numpy(), torch_cost.numpy(), atol=ATOL, rtol=RTOL)
+    for b, m in enumerate(sizes):
+        np.testing.assert_allclose(fused[b, :, :m].numpy(), torch_cost[b, :, :m].numpy(),
+                                   atol=ATOL, rtol=RTOL)

@@ -73,8 +73,8 @@ void check_inputs(const at::Tensor& logits, const at::Tensor& pred_boxes,
 }
 
 // Targets of every image as float32 structure-of-arrays rows, `padded` entries per image (the
-// rows past M hold a unit box: finite, ignored). Labels are checked here: one out of range
-// would make the gather read outside the logits.
+// entries past the image's valid count hold a unit box: finite, ignored). Valid labels are
+// checked here: one out of range would make the gather read outside the logits.
 struct PackedTargets {
   int64_t batch = 0, padded = 0;
   std::vector<float> data;  // 9 arrays of (B, padded): cx, cy, w, h, x0, y0, x1, y1, area
@@ -89,7 +89,7 @@ struct PackedTargets {
 
 template <typename box_t>
 PackedTargets pack_targets(const at::Tensor& labels, const at::Tensor& boxes,
-                           int64_t num_classes) {
+                           const std::vector<int64_t>& valid, int64_t num_classes) {
   PackedTargets packed;
   packed.batch = labels.size(0);
   const int64_t num_targets = labels.size(1);
@@ -102,7 +102,7 @@ PackedTargets pack_targets(const at::Tensor& labels, const at::Tensor& boxes,
     for (int64_t m = 0; m < packed.padded; ++m) {
       float cx = 0.5f, cy = 0.5f, w = 1.0f, h = 1.0f;
       int64_t label = 0;
-      if (m < num_targets) {
+      if (m < valid[b]) {
         label = lab[b][m];
         TORCH_CHECK_VALUE(label >= 0 && label < num_classes, "match_cost: target label ", label,
                           " (image ", b, ", target ", m, ") is not a class id in [0, ",
@@ -125,11 +125,24 @@ at::Tensor match_cost_cpu(const at::Tensor& logits, const at::Tensor& pred_boxes
                           const at::Tensor& labels, const at::Tensor& target_boxes,
                           double cost_class, double cost_bbox, double cost_giou,
                           c10::string_view class_cost_view, double focal_alpha,
-                          double focal_gamma) {
+                          double focal_gamma, at::OptionalIntArrayRef num_targets_per_image) {
   const std::string class_cost(class_cost_view.data(), class_cost_view.size());
   check_inputs(logits, pred_boxes, labels, target_boxes, class_cost);
   const int64_t num_images = logits.size(0), num_queries = logits.size(1);
   const int64_t num_classes = logits.size(2), num_targets = labels.size(1);
+  // Valid targets per image: the first num_targets[b] columns; the rest are left at 0.
+  std::vector<int64_t> valid(num_images, num_targets);
+  if (num_targets_per_image.has_value()) {
+    const auto given = *num_targets_per_image;
+    TORCH_CHECK_VALUE(static_cast<int64_t>(given.size()) == num_images,
+                      "match_cost: num_targets must have B = ", num_images, " entries, got ",
+                      given.size());
+    for (int64_t b = 0; b < num_images; ++b) {
+      TORCH_CHECK_VALUE(given[b] >= 0 && given[b] <= num_targets, "match_cost: num_targets[",
+                        b, "] = ", given[b], " is outside [0, M = ", num_targets, "]");
+      valid[b] = given[b];
+    }
+  }
   at::Tensor out = at::empty({num_images, num_queries, num_targets},
                              logits.options().dtype(at::kFloat));
   if (out.numel() == 0) return out;
@@ -138,7 +151,7 @@ at::Tensor match_cost_cpu(const at::Tensor& logits, const at::Tensor& pred_boxes
   PackedTargets targets;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, target_boxes.scalar_type(),
                                   "match_cost_targets", [&] {
-    targets = pack_targets<scalar_t>(labels, target_boxes, num_classes);
+    targets = pack_targets<scalar_t>(labels, target_boxes, valid, num_classes);
   });
 
   CostParams params;
@@ -169,12 +182,22 @@ at::Tensor match_cost_cpu(const at::Tensor& logits, const at::Tensor& pred_boxes
       const int64_t bs0 = pred_boxes.stride(0), bs1 = pred_boxes.stride(1);
       const int64_t bs2 = pred_boxes.stride(2);
       // ~64 KB of cost per task: enough work to hide the scheduling, many tasks to balance.
-      const int64_t grain = std::max<int64_t>(1, 16384 / padded);
+      int64_t total_width = 0;
+      for (int64_t b = 0; b < num_images; ++b) total_width += round_up(valid[b], kMaxWidth);
+      const int64_t mean_width = std::max<int64_t>(kMaxWidth, total_width / num_images);
+      const int64_t grain = std::max<int64_t>(1, 16384 / mean_width);
       at::parallel_for(0, num_images * num_queries, grain, [&](int64_t begin, int64_t end) {
         std::vector<float> picked(padded), row_out(padded);
         std::vector<float> row(params.softmax ? classes_padded : 0);
         for (int64_t r = begin; r < end; ++r) {
           const int64_t b = r / num_queries, q = r % num_queries;
+          float* dst = out_base + r * num_targets;
+          // Whole vectors up to the image's valid targets: the solver reads no column past them.
+          const int64_t width = round_up(valid[b], kMaxWidth);
+          if (width == 0) {
+            std::fill(dst, dst + num_targets, 0.0f);
+            continue;
+          }
           const logit_t* logit_row = logit_base + b * ls0 + q * ls1;
           const int64_t* label = targets.label.data() + b * padded;
           float inv_sum = 1.0f;
@@ -188,9 +211,9 @@ at::Tensor match_cost_cpu(const at::Tensor& logits, const at::Tensor& pred_boxes
             const float sum = avx2 ? cost::avx2::exp_shift_row(row.data(), classes_padded)
                                    : cost::portable::exp_shift_row(row.data(), classes_padded);
             inv_sum = 1.0f / sum;
-            for (int64_t m = 0; m < padded; ++m) picked[m] = row[label[m]];
+            for (int64_t m = 0; m < width; ++m) picked[m] = row[label[m]];
           } else {
-            for (int64_t m = 0; m < padded; ++m) {
+            for (int64_t m = 0; m < width; ++m) {
               picked[m] = static_cast<float>(logit_row[label[m] * ls2]);
             }
           }
@@ -198,16 +221,17 @@ at::Tensor match_cost_cpu(const at::Tensor& logits, const at::Tensor& pred_boxes
           const float pred[4] = {static_cast<float>(box_row[0]), static_cast<float>(box_row[bs2]),
                                  static_cast<float>(box_row[2 * bs2]),
                                  static_cast<float>(box_row[3 * bs2])};
-          const TargetsSoA t = targets.view(b);
-          float* dst = out_base + r * num_targets;
-          // Full vectors go straight to the output; the last, partial one through row_out.
-          float* target_row = num_targets == padded ? dst : row_out.data();
+          TargetsSoA t = targets.view(b);
+          t.padded = width;
+          // Straight into the output where the vectors fit in the row, else through row_out.
+          float* target_row = width <= num_targets ? dst : row_out.data();
           if (avx2) {
             cost::avx2::cost_row(params, t, picked.data(), inv_sum, pred, target_row);
           } else {
             cost::portable::cost_row(params, t, picked.data(), inv_sum, pred, target_row);
           }
-          if (target_row != dst) std::copy(row_out.begin(), row_out.begin() + num_targets, dst);
+          if (target_row != dst) std::copy(row_out.begin(), row_out.begin() + valid[b], dst);
+          std::fill(dst + valid[b], dst + num_targets, 0.0f);
         }
       });
     });

@@ -11,11 +11,13 @@ TORCH_LIBRARY(group_detr, m) {
       "batched_lsa_warp_emulated(Tensor cost, Tensor num_targets, bool reverse_lanes=False, "
       "bool stage=False) -> (Tensor, Tensor)");
   // DETR's matching cost (B, Q, M) from logits (B, Q, C), boxes (B, Q, 4) cxcywh and padded
-  // targets: labels (B, M) int64, boxes (B, M, 4) cxcywh (csrc/cost/match_cost_cpu.cpp).
+  // targets: labels (B, M) int64, boxes (B, M, 4) cxcywh; with num_targets (B ints) only the
+  // first num_targets[b] columns of image b are computed, the rest are 0
+  // (csrc/cost/match_cost_cpu.cpp).
   m.def(
       "match_cost(Tensor logits, Tensor pred_boxes, Tensor labels, Tensor target_boxes, "
       "float cost_class, float cost_bbox, float cost_giou, str class_cost, float focal_alpha, "
-      "float focal_gamma) -> Tensor");
+      "float focal_gamma, int[]? num_targets=None) -> Tensor");
 }
 
 // Importing group_detr._C runs the static registrations above; the module itself is empty.
