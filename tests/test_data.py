@@ -83,6 +83,14 @@ def test_synth_command_writes_the_dataset(tmp_path, capsys):
     assert "instances_train.json" in capsys.readouterr().out
     assert len(os.listdir(out / "train")) == 3 and len(os.listdir(out / "val")) == 2
     assert synthetic_dataset_exists(str(out))
+    # the flags replace fields of the preset; the rest is the preset's, recorded in the json
+    from group_detr.config import demo_config, synthetic_preset
+
+    settings = read_json(str(out / "annotations" / "instances_train.json"))["info"]["group_detr_synthetic"]
+    assert settings == synthetic_preset(demo_config().synthetic, num_train=3, num_val=2,
+                                        image_size=48).generator_settings()
+    with pytest.raises(SystemExit):
+        main(["synth", "--out", str(out), "--preset", "no-such-preset"])
 
 
 # ----------------------------------------------------------------------------------------------
