@@ -43,9 +43,10 @@ fi
 
 step "venv $VENV: $CUDA_TORCH $CUDA_PACKAGES"
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-"$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel ninja
+"$VENV/bin/python" -m pip install -q --upgrade pip
+# One resolution, so that torch's own pins (setuptools<82 for torch 2.11) hold.
 # shellcheck disable=SC2086  # CUDA_PACKAGES is a list of requirements
-"$VENV/bin/python" -m pip install -q "$CUDA_TORCH" $CUDA_PACKAGES
+"$VENV/bin/python" -m pip install -q "$CUDA_TORCH" setuptools wheel ninja $CUDA_PACKAGES
 "$VENV/bin/python" -c "import torch; assert torch.version.cuda, 'not a CUDA build of torch'; \
 print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
 

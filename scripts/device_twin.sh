@@ -25,6 +25,13 @@ TWIN_PACKAGES="triton==3.6.0 numpy scipy pillow pytest hypothesis matplotlib"
 DEVICE_WHEELS="pycocotools==2.0.11 lapx==0.11.1"
 start=$SECONDS
 step() { echo "== device_twin [$((SECONDS - start)) s] $*"; }
+failures=()
+check() {  # check NAME COMMAND...: runs every check, the summary at the end says which failed
+    local name=$1
+    shift
+    step "$name"
+    "$@" || failures+=("$name")
+}
 
 make_wheels() {
     step "wheels for the device: $DEVICE_WHEELS -> .device-wheels/"
@@ -64,25 +71,27 @@ torch.version.cuda, triton.__version__)"
 
 cd "$SRC"
 # 2. the CPU suite, as CI runs it, less the files that 1 and 3 run.
-step "CPU test suite"
 # shellcheck disable=SC2046
-"$VENV/bin/python" -m pytest -q -p no:cacheprovider -rs --ignore=tests/test_cuda_build.py \
-    --ignore=tests/test_lsa_cuda.py --ignore=tests/test_kernel_aot.py \
-    $(ls tests/test_attention*.py | sed 's/^/--ignore=/')
+check "CPU test suite" "$VENV/bin/python" -m pytest -q -p no:cacheprovider -rfEs \
+    --ignore=tests/test_cuda_build.py --ignore=tests/test_lsa_cuda.py \
+    --ignore=tests/test_kernel_aot.py $(ls tests/test_attention*.py | sed 's/^/--ignore=/')
 # 3. Triton: the interpreter must be switched on before triton's first import, so in a process
 # of its own; then the AOT compile of every kernel configuration, if the test exists.
-step "Triton interpreter tests"
 # shellcheck disable=SC2046
-TRITON_INTERPRET=1 "$VENV/bin/python" -m pytest -q -p no:cacheprovider -rs \
-    $(ls tests/test_attention*.py)
+check "Triton interpreter tests" env TRITON_INTERPRET=1 "$VENV/bin/python" -m pytest -q \
+    -p no:cacheprovider -rfEs $(ls tests/test_attention*.py)
 if [ -e tests/test_kernel_aot.py ]; then
-    step "Triton AOT compile test"
-    "$VENV/bin/python" -m pytest -q -p no:cacheprovider -rs tests/test_kernel_aot.py
+    check "Triton AOT compile test" "$VENV/bin/python" -m pytest -q -p no:cacheprovider -rfEs \
+        tests/test_kernel_aot.py
 else
     step "tests/test_kernel_aot.py does not exist yet: skipped"
 fi
 # 4. the device command, up to its first GPU step, with the carried wheels.
-step "gpu_check.sh rehearsal"
 rm -rf .device-wheels && cp -r "$REPO/.device-wheels" .device-wheels
-OUT=$TWIN_DIR/gpu-check-out PYTHON=$VENV/bin/python GPU_CHECK_REHEARSAL=1 bash scripts/gpu_check.sh
+check "gpu_check.sh rehearsal" env OUT="$TWIN_DIR/gpu-check-out" PYTHON="$VENV/bin/python" \
+    GPU_CHECK_REHEARSAL=1 GPU_CHECK_BUILD_CAP=900 bash scripts/gpu_check.sh
+if [ ${#failures[@]} -gt 0 ]; then
+    step "FAILED: ${failures[*]}"
+    exit 1
+fi
 step "done: the twin passed"
