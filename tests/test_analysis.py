@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+from conftest import requires_pycocotools
 from group_detr import analysis
 from group_detr.config import SYNTHETIC_PRESETS, TrainConfig, demo_config, synthetic_preset
 from group_detr.engine import build_matcher
@@ -176,6 +177,7 @@ def test_plot_reference_points(tmp_path):
         assert image.format == "PNG" and len(image.convert("RGB").getcolors(maxcolors=1 << 20)) > 11
 
 
+@requires_pycocotools
 def test_bench_convergence_core_smoke(tmp_path):
     import bench_convergence
     from group_detr.data.synthetic import write_synthetic_dataset
@@ -209,6 +211,7 @@ def test_bench_convergence_core_smoke(tmp_path):
     assert os.path.getsize(figure3) > 0
 
 
+@requires_pycocotools
 def test_bench_convergence_parallel_runs_give_the_same_results(tmp_path):
     """--jobs runs each (K, seed) in its own process: only the wall time may change."""
     import bench_convergence
@@ -239,6 +242,7 @@ def test_bench_convergence_overrides():
             bench_convergence.parse_overrides(bad)
 
 
+@requires_pycocotools
 def test_bench_convergence_quick_cli(tmp_path, monkeypatch):
     """`bench_convergence.py --quick`, the CI smoke test of the whole command: data, runs, files."""
     import bench_convergence

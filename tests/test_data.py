@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import requires_pycocotools
 from group_detr.__main__ import main
 from group_detr.data import (CLASS_NAMES, CocoDetection, build_coco_dataset, collate_fn, load_coco_annotations,
                              make_detr_transforms, synthetic_dataset_exists, write_synthetic_dataset)
@@ -97,6 +98,7 @@ def test_synth_command_writes_the_dataset(tmp_path, capsys):
 # dataset
 
 
+@requires_pycocotools
 def test_dataset_items_and_collate(synth_dir):
     dataset = build_coco_dataset(synth_dir, "train", make_detr_transforms(False, eval_size=64, max_size=96))
     assert dataset.num_classes == 5 and len(dataset) == 12
@@ -117,6 +119,7 @@ def test_dataset_items_and_collate(synth_dir):
         assert (images[i, :, h:] == 0).all() and (images[i, :, :, w:] == 0).all()
 
 
+@requires_pycocotools
 def test_train_transforms_keep_boxes_consistent(synth_dir):
     random.seed(0)
     dataset = build_coco_dataset(synth_dir, "train", make_detr_transforms(True, **SMALL_TRANSFORMS))
@@ -128,6 +131,7 @@ def test_train_transforms_keep_boxes_consistent(synth_dir):
         assert ((boxes[:, 2:] > 0) & (boxes[:, :2] >= 0) & (boxes[:, :2] <= 1)).all()
 
 
+@requires_pycocotools
 def test_sparse_category_ids_become_contiguous_labels(tmp_path):
     image_dir, path = write_coco(tmp_path)
     dataset = CocoDetection(image_dir, path)
@@ -192,6 +196,7 @@ def test_malformed_annotation(tmp_path, annotation, message):
         load_coco_annotations(path)
 
 
+@requires_pycocotools
 def test_unreadable_and_missing_images(tmp_path):
     image_dir, path = write_coco(tmp_path, images=[
         {"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "broken.jpg"}, {"id": 3, "file_name": "gone.jpg"}],
@@ -205,6 +210,7 @@ def test_unreadable_and_missing_images(tmp_path):
         dataset[2]
 
 
+@requires_pycocotools
 def test_empty_image_passes_through_transforms_and_collate(tmp_path):
     image_dir, path = write_coco(tmp_path, annotations=[])
     random.seed(1)
@@ -216,6 +222,7 @@ def test_empty_image_passes_through_transforms_and_collate(tmp_path):
         assert targets[0]["boxes"].shape == (0, 4)
 
 
+@requires_pycocotools
 def test_crowd_and_degenerate_boxes_are_dropped(tmp_path):
     image_dir, path = write_coco(tmp_path, annotations=[
         {"id": 1, "image_id": 1, "category_id": 3, "bbox": [1, 1, 5, 5], "iscrowd": 1},

@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import requires_pycocotools
 from group_detr.data import write_synthetic_dataset
 from group_detr.config import TrainConfig
 from group_detr.engine import train
@@ -49,6 +50,7 @@ def worker(rank, port, data_dir, output_dir, result_dir):
 
 
 @pytest.mark.slow
+@requires_pycocotools
 def test_two_cpu_processes_stay_in_sync(tmp_path):
     data_dir = str(tmp_path / "data")
     write_synthetic_dataset(data_dir, num_train=8, num_val=3, image_size=64, seed=2)
