@@ -47,6 +47,7 @@ from group_detr.engine import Callback, TrainingRun, build_matcher, train
 
 DEFAULT_GROUPS = (1, 3, 11)
 DISTANCES = ("PD", "PD_first", "MD", "MD_first")
+FINAL_METRICS = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large")  # COCO stats kept per epoch
 
 
 def default_config(**overrides) -> TrainConfig:
@@ -96,7 +97,8 @@ class ConvergenceRecorder(Callback):
         self.record["distances"].append(distances)
         self.record["epochs"].append({
             "epoch": record["epoch"], "step": record["step"], "train_time_s": record["epoch_time_s"],
-            **{name: record[f"val_{name}"] for name in ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large")},
+            # NaN on the epochs train() does not evaluate (eval_every > 1)
+            **{name: record.get(f"val_{name}", float("nan")) for name in FINAL_METRICS},
             **{name: record.get(f"train_{name}") for name in ("loss", "loss_bbox", "loss_giou", "loss_ce")}})
         record.update({name: distances[name] for name in DISTANCES})  # into the run's log.jsonl too
         ap = self.record["epochs"][-1]
@@ -122,9 +124,6 @@ def _mean_spread(values: Sequence[float]) -> Dict:
         return {"mean": float("nan"), "std": float("nan"), "min": float("nan"), "max": float("nan"), "n": 0}
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
             "min": min(values), "max": max(values), "n": len(values)}
-
-
-FINAL_METRICS = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large")
 
 
 def summarise(runs: List[Dict]) -> Dict:
