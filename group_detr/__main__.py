@@ -103,6 +103,14 @@ def _given(args: argparse.Namespace, names) -> dict:
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
+def _follow_the_preset(config: TrainConfig) -> TrainConfig:
+    """The demo's settings that depend on its synthetic preset (data_dir, image sizes) follow
+    `--synthetic`: every field still at demo_config()'s default takes the preset's demo value."""
+    default, for_preset = demo_config(resume=True), demo_config(synthetic=config.synthetic, resume=True)
+    left_alone = [f.name for f in dataclasses.fields(TrainConfig) if getattr(config, f.name) == getattr(default, f.name)]
+    return dataclasses.replace(config, **{name: getattr(for_preset, name) for name in left_alone})
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "synth":
@@ -115,8 +123,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     config = _config_from_args(args)
     if args.command == "demo":
         start = time.time()
-        if config.data_dir == demo_config().data_dir:  # the default directory follows --synthetic
-            config = dataclasses.replace(config, data_dir=demo_config(synthetic=config.synthetic).data_dir)
+        config = _follow_the_preset(config)
         sizes = {"num_train": args.num_train_images, "num_val": args.num_val_images}
         ensure_synthetic_dataset(config.data_dir, config.synthetic,
                                  **{k: v for k, v in sizes.items() if v is not None})
