@@ -412,7 +412,8 @@ Status prepare_cost(const scalar_t* cost, int64_t row_stride, int64_t col_stride
   return prepare_cost_body(cost, row_stride, col_stride, nr, nc, shifted);
 }
 
-// Solves problem `cost` (Q x T strided, first `num_cols` target columns valid) into `out` (T).
+// Solves problem `cost` (num_queries x num_cols, strided; its first `num_targets` columns are
+// the valid targets) into `out` (num_cols): the query of each valid target, -1 elsewhere.
 template <typename scalar_t>
 Status solve_one(const scalar_t* cost, int64_t stride_q, int64_t stride_t, int64_t num_queries,
                  int64_t num_targets, int64_t num_cols, const DispatchedScan& scan,

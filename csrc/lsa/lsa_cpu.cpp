@@ -28,8 +28,8 @@ using lsa::Status;
 std::tuple<at::Tensor, at::Tensor> batched_lsa_cpu(const at::Tensor& cost,
                                                    const at::Tensor& num_targets) {
   check_lsa_inputs("batched_lsa", cost, num_targets);
-  TORCH_CHECK(cost.device().is_cpu() && num_targets.device().is_cpu(),
-              "batched_lsa (CPU): tensors must be on the CPU");
+  TORCH_CHECK_VALUE(cost.device().is_cpu() && num_targets.device().is_cpu(),
+                    "batched_lsa (CPU): tensors must be on the CPU");
 
   const int64_t num_problems = cost.size(0);
   const int64_t num_queries = cost.size(1);
@@ -106,8 +106,8 @@ template <bool kReverse>
 std::tuple<at::Tensor, at::Tensor> warp_emulated(const at::Tensor& cost,
                                                  const at::Tensor& num_targets, bool stage) {
   check_lsa_inputs("batched_lsa_warp_emulated", cost, num_targets);
-  TORCH_CHECK(cost.device().is_cpu() && num_targets.device().is_cpu(),
-              "batched_lsa_warp_emulated: tensors must be on the CPU");
+  TORCH_CHECK_VALUE(cost.device().is_cpu() && num_targets.device().is_cpu(),
+                    "batched_lsa_warp_emulated: tensors must be on the CPU");
   const int64_t num_problems = cost.size(0), num_queries = cost.size(1), num_cols = cost.size(2);
   auto matched = at::empty({num_problems, num_cols}, cost.options().dtype(at::kLong));
   auto status = at::zeros({num_problems}, cost.options().dtype(at::kInt));

@@ -33,13 +33,13 @@ int stage_mode() {
 std::tuple<at::Tensor, at::Tensor> batched_lsa_cuda(const at::Tensor& cost,
                                                     const at::Tensor& num_targets) {
   check_lsa_inputs("batched_lsa", cost, num_targets);
-  TORCH_CHECK(cost.is_cuda() && num_targets.device() == cost.device(),
-              "batched_lsa (CUDA): cost and num_targets must be on the same CUDA device");
+  TORCH_CHECK_VALUE(cost.is_cuda() && num_targets.device() == cost.device(),
+                    "batched_lsa (CUDA): cost and num_targets must be on the same CUDA device");
   const int64_t num_problems = cost.size(0);
   const int64_t num_queries = cost.size(1);
   const int64_t num_cols = cost.size(2);
-  TORCH_CHECK(num_queries < (int64_t(1) << 30) && num_cols < (int64_t(1) << 30),
-              "batched_lsa (CUDA): Q and T must be below 2**30");
+  TORCH_CHECK_VALUE(num_queries < (int64_t(1) << 30) && num_cols < (int64_t(1) << 30),
+                    "batched_lsa (CUDA): Q and T must be below 2**30");
 
   const c10::cuda::CUDAGuard guard(cost.device());
   auto matched = at::empty({num_problems, num_cols}, cost.options().dtype(at::kLong));

@@ -11,9 +11,9 @@
 // here allocates or uses the STL, so the same code compiles under nvcc as __host__ __device__.
 //
 // The only data-parallel step, relaxing every unvisited column from the current row and picking
-// the next column, is a policy (`ColumnScan`): SerialScan below (the portable reference), an
-// AVX2 scan in lsa_cpu.cpp, a warp-parallel scan for CUDA. Everything else is the sequential
-// bookkeeping shared by all of them.
+// the next column, is a policy (`ColumnScan`): SerialScan below (the portable reference), the
+// AVX2 scan in cpu_solver.h (DispatchedScan picks it at run time), the warp-parallel scan for
+// CUDA in warp_scan.h. Everything else is the sequential bookkeeping shared by all of them.
 #pragma once
 
 #include <cstdint>
