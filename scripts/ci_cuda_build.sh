@@ -52,6 +52,7 @@ print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
 
 step "source copy $SRC (its build/ kept: ninja rebuilds only what changed)"
 mkdir -p "$SRC"
+find "$SRC" -mindepth 1 -maxdepth 1 ! -name build -exec rm -rf {} +  # no stale files
 git ls-files -z --cached --others --exclude-standard \
     | tar --null --ignore-failed-read -T - -cf - | tar -xf - -C "$SRC"
 
