@@ -15,9 +15,9 @@ Non-finite costs, the one rule (`validate`):
     device and without synchronisation (`sanitize_cost`), by one finite cost R_p above the
     problem's finite range, so large that the solution uses as few non-finite pairs as possible
     and, among those, has the least finite cost: where a complete assignment avoiding every
-    non-finite pair exists, it is the one returned (the same as validate=True would give). Every
-    problem therefore comes back completely matched with indices in range; no row of -1 appears
-    for a bad problem. Where the status is free to read (it is on the host: the "cpu" and
+    non-finite pair exists, an optimal one of those is returned (on the CPU exactly
+    validate=True's; on CUDA the same up to ties). Every problem therefore comes back completely
+    matched with indices in range; no row of -1 appears for a bad problem. Where the status is free to read (it is on the host: the "cpu" and
     "scipy" backends on CPU tensors) it is still checked, so out-of-range num_targets raise there;
     on CUDA it is not read (a problem with bad num_targets comes back as a row of -1).
 """
@@ -97,18 +97,23 @@ def _resolve_backend(backend, device):
     return backend
 
 
+def _status_on_host(status: Tensor) -> np.ndarray:
+    """The solver's status as a host array: a copy (a synchronisation) from CUDA, free on the CPU."""
+    return status.cpu().numpy()
+
+
 def raise_for_status(status: Tensor) -> None:
     """Turn the solver's per-problem status `(P,)` into a ValueError naming the first bad problem.
 
     A CUDA status is copied to the host once (the one synchronisation of validation).
     """
-    status = status.cpu()
-    if not np.count_nonzero(status.numpy()):  # the usual case, well under 1 us (STATUS_OK is 0)
+    codes = _status_on_host(status)
+    if not np.count_nonzero(codes):  # the usual case, well under 1 us (STATUS_OK is 0)
         return
-    bad = torch.nonzero(status != STATUS_OK)
-    index = int(bad[0, 0])
-    code = int(status[index])
-    count = bad.shape[0]
+    bad = np.flatnonzero(codes != STATUS_OK)
+    index = int(bad[0])
+    code = int(codes[index])
+    count = len(bad)
     more = f" ({count - 1} more problems failed too)" if count > 1 else ""
     if code == STATUS_INVALID_ENTRY:
         reason = "contains NaN or -inf (use +inf to forbid a pair)"
@@ -225,14 +230,37 @@ def _assign(cost, num_targets, backend, validate, return_status):
     backend = _resolve_backend(backend, cost.device)
     if cost.dtype in (torch.float16, torch.bfloat16):
         cost = cost.float()
-    if not validate:
-        cost = sanitize_cost(cost, num_targets)
-    matched, status = _solve(cost, num_targets, backend)
+    if validate:
+        matched, status = _solve(cost, num_targets, backend)
+    else:
+        matched, status = _solve_sanitized(cost, num_targets, backend)
     if return_status:
         return matched, status
     if status is not None and (validate or status.device.type == "cpu"):
         raise_for_status(status)
     return matched
+
+
+def _solve_sanitized(cost: Tensor, num_targets: Tensor, backend: str):
+    """The solution of `sanitize_cost(cost)` (validate=False), computed where it is cheapest.
+
+    On CUDA every problem is sanitised before the solve, on the device (no synchronisation).
+    For the compiled solver on CPU tensors the status is free to read, so the costs are solved
+    as they are and only the problems that failed on a non-finite cost are sanitised and solved
+    again: no extra pass over the cost in the usual case (sanitising every problem costs more
+    than the solve itself there), and a problem that needed nothing gets exactly validate=True's
+    answer.
+    """
+    if cost.device.type != "cpu" or backend == "scipy":
+        return _solve(sanitize_cost(cost, num_targets), num_targets, backend)
+    matched, status = _solve(cost, num_targets, backend)
+    codes = _status_on_host(status)
+    redo = np.flatnonzero((codes == STATUS_INVALID_ENTRY) | (codes == STATUS_INFEASIBLE))
+    if redo.size:
+        redo = torch.from_numpy(redo)
+        counts = num_targets[redo]
+        matched[redo], status[redo] = _solve(sanitize_cost(cost[redo], counts), counts, backend)
+    return matched, status
 
 
 def _solve(cost: Tensor, num_targets: Tensor, backend: str):

@@ -7,7 +7,7 @@ from scipy.optimize import linear_sum_assignment as scipy_lsa
 
 import group_detr
 from group_detr import _ext, linear_sum_assignment, scipy_compatible
-from group_detr.assignment import BACKENDS, _linear_sum_assignment_warp_emulated
+from group_detr.assignment import BACKENDS, _linear_sum_assignment_warp_emulated, _solve, sanitize_cost
 
 pytestmark = pytest.mark.skipif(
     not group_detr.backends()["lsa_cpu"], reason="group_detr._C is not built"
@@ -163,6 +163,13 @@ def solver(backend):
         if not _ext.has_lsa_warp_emulated():
             pytest.skip("group_detr._C was built without the warp-emulated op")
         return _linear_sum_assignment_warp_emulated
+    if backend == "cpu_sanitized_up_front":  # CUDA's validate=False path, run on the CPU
+        def solve(cost, num_targets=None, validate=True):
+            if validate:
+                return linear_sum_assignment(cost, num_targets)
+            cost = cost.float() if cost.dtype in (torch.float16, torch.bfloat16) else cost
+            return _solve(sanitize_cost(cost, num_targets), num_targets, "cpu")[0]
+        return solve
     if backend == "cuda":
         if not group_detr.backends()["lsa_cuda"]:
             pytest.skip("needs a CUDA device and the CUDA solver")
@@ -172,7 +179,7 @@ def solver(backend):
         cost, num_targets, backend, validate)
 
 
-EVERY_BACKEND = ["cpu", "scipy", "warp_emulated", "cuda"]
+EVERY_BACKEND = ["cpu", "scipy", "warp_emulated", "cuda", "cpu_sanitized_up_front"]
 
 
 @pytest.mark.parametrize("backend", ["cpu", "scipy", "warp_emulated"])
@@ -347,7 +354,6 @@ def test_validate_false_avoids_a_nan_pair():
 
 
 def test_sanitized_costs_stay_finite_at_the_dtype_limit():
-    from group_detr.assignment import sanitize_cost
     big = torch.finfo(torch.float32).max
     cost = torch.tensor([[[big, -big], [float("nan"), 0.0]]])
     sanitized = sanitize_cost(cost, torch.tensor([2]))

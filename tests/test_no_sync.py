@@ -83,7 +83,7 @@ def training_step(device, validate):
 # On CPU the solver's status is read even with validate=False: it is already on the host, so the
 # read is free, and it is the last guard against an ill-formed result (assignment.py). On CUDA
 # GroupMatcher does not read it with validate=False (the CUDA test below proves it).
-CPU_ONLY_STATUS_CHECK = "raise_for_status"
+CPU_ONLY_STATUS_CHECK = "_status_on_host"
 
 
 def test_cpu_step_reads_nothing_on_the_host_inside_criterion_and_matcher():
@@ -95,7 +95,8 @@ def test_cpu_step_reads_nothing_on_the_host_inside_criterion_and_matcher():
     unexpected = {k: n for k, n in reads.counts.items() if k[1] != CPU_ONLY_STATUS_CHECK}
     assert not unexpected, f"host reads inside the criterion/matcher: {unexpected}"
     status_reads = sum(reads.counts.values())
-    assert status_reads <= 2, reads.counts  # status.cpu() and .numpy(), once for the whole step
+    # status.cpu() and .numpy(): once in the solve, once in the matcher's check, for the whole step
+    assert status_reads <= 4, reads.counts
 
 
 def test_the_counter_sees_validation():
