@@ -8,18 +8,17 @@ identical to scipy's, not merely of equal cost.
 Non-finite costs, the one rule (`validate`):
   * validate=True: a NaN or -inf among a problem's valid entries, an infeasible problem (no
     complete assignment of finite cost) and num_targets outside [0, T] raise ValueError naming
-    the first bad problem, on every backend. (scipy, DETR and transformers raise ValueError too
-    for NaN/infeasible costs; DETR-family matchers' own target checks raise AssertionError or
-    IndexError where ours raise ValueError/TypeError.)
+    the first bad problem, on every backend (scipy raises ValueError too, without the problem).
   * validate=False: every non-finite entry (NaN, -inf, +inf) of problem p is replaced, on the
     device and without synchronisation (`sanitize_cost`), by one finite cost R_p above the
     problem's finite range, so large that the solution uses as few non-finite pairs as possible
     and, among those, has the least finite cost: where a complete assignment avoiding every
     non-finite pair exists, an optimal one of those is returned (on the CPU exactly
     validate=True's; on CUDA the same up to ties). Every problem therefore comes back completely
-    matched with indices in range; no row of -1 appears for a bad problem. Where the status is free to read (it is on the host: the "cpu" and
-    "scipy" backends on CPU tensors) it is still checked, so out-of-range num_targets raise there;
-    on CUDA it is not read (a problem with bad num_targets comes back as a row of -1).
+    matched with indices in range; no row of -1 appears for a bad problem. (transformers'
+    matchers replace non-finite costs too, by the dtype's maximum.) Where the status is free to
+    read (CPU tensors) it is still checked, so out-of-range num_targets raise there; on CUDA it
+    is not read, and a problem with bad num_targets comes back as a row of -1.
 """
 import numpy as np
 import torch

@@ -132,9 +132,8 @@ class GroupMatcher(nn.Module):
             (`group_detr.assignment.sanitize_cost`), so every group is still matched one-to-one
             with every index in range. The one knob: SetCriterion checks nothing itself.
 
-    Errors: bad inputs raise ValueError/TypeError (KeyError for a missing dict key), where
-    DETR's, Conditional DETR's, LW-DETR's and RF-DETR's matchers raise AssertionError or
-    IndexError (or scipy's ValueError) for the same inputs.
+    Bad inputs raise ValueError/TypeError (KeyError for a missing dict key): see the module
+    docstring for how that differs from the public matchers, and how to switch from them.
     """
 
     def __init__(
