@@ -8,7 +8,7 @@ import group_detr.attention as attention_module
 from group_detr.matcher import GroupMatcher
 from group_detr.models import (PostProcess, ResNet50, SetCriterion, build_group_detr,
                                default_weight_dict, load_backbone_weights)
-from group_detr.models.backbone import FrozenBatchNorm2d
+from group_detr.models.backbone import FrozenBatchNorm2d, SmallConvBackbone
 
 NUM_CLASSES = 4
 
@@ -359,3 +359,25 @@ def test_reference_points_and_forward_over_all_groups():
     torch.testing.assert_close(moved["pred_boxes"][0, :, :2], model.reference_points(other))
     with pytest.raises(ValueError, match=r"query_embed must be \(12, 32\) \(K\*N, d\), got \(4, 32\)"):
         model.forward_all_groups(images, query_embed=other[:4])
+
+
+@pytest.mark.parametrize("widths", [(8,), (8, 16, 24), (8, 8, 16, 16, 32)])
+@pytest.mark.parametrize("norm", ["batch", "group"])
+def test_small_backbone_stride_is_two_per_stage(widths, norm):
+    backbone = SmallConvBackbone(widths, norm)
+    norms = {type(m) for m in backbone.modules() if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.GroupNorm))}
+    assert norms == {torch.nn.BatchNorm2d if norm == "batch" else torch.nn.GroupNorm}
+    out = backbone(torch.randn(2, 3, 64, 96))
+    assert backbone.stride == 2 ** len(widths) and backbone.num_channels == widths[-1]
+    assert out.shape == (2, widths[-1], 64 // backbone.stride, 96 // backbone.stride)
+
+
+@pytest.mark.parametrize("widths, norm, message", [
+    ((), "batch", r"1 to 5 widths, each a multiple of 8, got \(\)"),
+    ((8, 12), "batch", r"1 to 5 widths, each a multiple of 8, got \(8, 12\)"),
+    ((8,) * 6, "batch", "1 to 5 widths"),
+    ((8, 16), "layer", r"norm must be one of \('batch', 'group'\), got 'layer'"),
+])
+def test_small_backbone_rejects_bad_settings(widths, norm, message):
+    with pytest.raises(ValueError, match=message):
+        SmallConvBackbone(widths, norm)
