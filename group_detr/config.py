@@ -154,11 +154,11 @@ def demo_config(**overrides) -> TrainConfig:
     images; in issue 13's runs, putting such a CNN in place of the GroupNorm stride-16 one let
     the detector leave the default-box plateau after ~500 instead of ~1500 steps); a 128-d
     transformer with 1 encoder and 3 decoder layers, 4 heads and a 256-wide feed-forward (the
-    cost of a step is mostly the
-    decoder over K*N = 110 queries); N=10 queries per group because the images hold at most 3
-    objects; batch 16 and lr 5e-4 for the transformer and the backbone alike (from scratch, the
-    backbone needs no lower rate); one intra-op thread, because the data-loader worker takes
-    the other core and oversubscribed OpenMP threads make CPU training several times slower.
+    cost of a step is mostly the decoder over K*N = 110 queries); N=10 queries per group
+    because the images hold at most 3 objects; batch 16 and lr 5e-4 for the transformer and the
+    backbone alike (from scratch, the backbone needs no lower rate); one intra-op thread,
+    because the data-loader worker takes the other core and oversubscribed OpenMP threads make
+    CPU training several times slower.
     K=11 groups, the focal/L1/GIoU weights, AdamW, weight decay, the lr drop at 11/12 of the
     schedule and gradient clipping are the paper's. Every epoch is evaluated (the per-epoch
     "epoch E: AP" line); 200 validation images at 64 px take a few seconds.
