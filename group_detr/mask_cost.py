@@ -15,13 +15,16 @@ from torch import Tensor
 
 
 def point_sample(masks: Tensor, points: Tensor) -> Tensor:
-    """masks `(B, C, H, W)`, points `(B, P, 2)` (x, y) in [0, 1] -> values `(B, C, P)`.
+    """masks `(C, H, W)` float, points `(P, 2)` (x, y) in [0, 1] -> values `(C, P)`.
 
-    detectron2's `point_sample` (bilinear, align_corners=False, zeros outside), with the C masks
-    of an image as channels of one `grid_sample` call, since they share the image's points.
+    detectron2's `point_sample` (bilinear, align_corners=False, zeros outside), as Mask2Former
+    calls it: each mask a batch entry of one channel, the image's one grid expanded (not copied)
+    over them. (Bitwise the same as the masks as channels of one entry, and measured 2.3x faster
+    on 3900 masks of 108 x 108 at 729 points.)
     """
-    grid = (2.0 * points - 1.0).unsqueeze(2)  # (B, P, 1, 2) in grid_sample's [-1, 1]
-    return F.grid_sample(masks, grid, mode="bilinear", align_corners=False).squeeze(3)
+    grid = (2.0 * points - 1.0)[None, :, None]  # (1, P, 1, 2) in grid_sample's [-1, 1]
+    grid = grid.expand(masks.shape[0], -1, -1, -1)
+    return F.grid_sample(masks[:, None], grid, mode="bilinear", align_corners=False)[:, 0, :, 0]
 
 
 def sigmoid_ce_cost(logits: Tensor, targets: Tensor) -> Tensor:
@@ -86,9 +89,9 @@ def mask_cost_matrix(pred_masks: Tensor, target_masks: Sequence[Tensor], max_tar
     for b, masks in enumerate(target_masks):
         if masks.shape[0] == 0:
             continue
-        points = point_coords[b:b + 1].float()
-        logits = point_sample(pred_masks[b:b + 1].float(), points)[0]  # (Q, P)
-        targets = point_sample(masks[None].to(device=pred_masks.device, dtype=torch.float32), points)[0]
+        points = point_coords[b].float()
+        logits = point_sample(pred_masks[b].float(), points)  # (Q, P)
+        targets = point_sample(masks.to(device=pred_masks.device, dtype=torch.float32), points)
         block = cost[b, :, :masks.shape[0]]
         if cost_mask:
             block += cost_mask * sigmoid_ce_cost(logits, targets)
