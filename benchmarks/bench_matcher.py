@@ -10,7 +10,10 @@ For every matcher workload of workloads.json (the same inputs for every contende
     - scipy, numpy loop: the cheapest possible scipy loop over the padded problems;
     - lapx's batch solvers (`pip install lapx`, extra `[bench]`), the fastest of them per
       workload, and torch-linear-assignment, when installed;
-(b) the whole matcher: `GroupMatcher` against `ReferenceGroupMatcher` (cost, host copy, scipy).
+(b) the whole matcher, from the model's outputs to DETR's index lists: `GroupMatcher` (its CPU
+    default, the fused C++ cost), `GroupMatcher(cost_backend="torch")` (the torch reference
+    cost) and `ReferenceGroupMatcher` (public Group DETR: batch-wide cost, host copy, scipy),
+    with GroupMatcher's cost alone and its time over its own assignment time.
 
 Every contender's answer is checked (identical assignments to scipy for ours, equal total cost
 for the others) before it is timed. Prints a table of medians and ratios and writes
@@ -20,57 +23,22 @@ benchmarks/results/matcher-<machine>.json.
     python benchmarks/bench_matcher.py --device cuda   # GPU: ours on the device vs the host paths
 """
 import argparse
-import datetime
-import json
 import os
-import platform
-import subprocess
-import sys
-import time
 
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment as scipy_lsa
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-
-import group_detr  # noqa: E402
-from group_detr import GroupMatcher, linear_sum_assignment  # noqa: E402
-from group_detr.reference import ReferenceGroupMatcher  # noqa: E402
-from workloads import load_workloads, matcher_inputs  # noqa: E402
-
-
-def machine_name(device: torch.device) -> str:
-    """`cpu-2core`, `h100`, `h200`, ... : the results file is named after the machine."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device).lower()
-        for known in ("h200", "h100", "a100", "l40s", "a10g", "v100", "t4"):
-            if known in name:
-                return known
-        return "".join(c if c.isalnum() else "-" for c in name).strip("-")
-    return f"cpu-{os.cpu_count()}core"
+import common
+import group_detr
+from group_detr import GroupMatcher, _ext, linear_sum_assignment
+from group_detr.reference import ReferenceGroupMatcher
+from workloads import load_workloads, matcher_inputs
 
 
 def timed(fn, device, repeats, warmup):
     """Median, 10th and 90th percentile wall time of fn() in ms (device work included)."""
-    for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return {
-        "median_ms": float(np.median(times)),
-        "p10_ms": float(np.percentile(times, 10)),
-        "p90_ms": float(np.percentile(times, 90)),
-        "repeats": repeats,
-    }
+    return common.summarise(common.time_calls(fn, device, repeats, warmup))
 
 
 def totals(cost_np, matched):
@@ -238,18 +206,27 @@ def run_workload(name, spec, device, repeats, warmup, threads):
             print(f"  {name}: torch-linear-assignment disagrees with scipy; not timed")
 
     # (b) the whole matcher, from the model's outputs to DETR's index lists.
-    ours_idx = matcher(outputs, targets)
+    # The fused cost differs from torch's in the last float32 bits: the optimum is checked by
+    # its total under the reference cost (tests/test_match_cost.py checks the indices).
+    torch_cost_matcher = GroupMatcher(num_groups=num_groups, cost_backend="torch")
     ref_idx = reference(outputs, targets)
-    for (qa, ta), (qb, tb) in zip(ours_idx, ref_idx):
-        a = sorted(zip(qa.tolist(), ta.tolist()))
-        b = sorted(zip(qb.tolist(), tb.tolist()))
-        assert a == b, f"{name}: GroupMatcher and the reference matcher disagree"
+    for contender in (matcher, torch_cost_matcher):
+        idx = contender(outputs, targets)
+        got = group_totals(padded, idx, num_groups, queries_per_group)
+        want = group_totals(padded, ref_idx, num_groups, queries_per_group)
+        assert np.allclose(got, want, rtol=1e-6, atol=1e-4), (
+            f"{name}: GroupMatcher (cost {contender.cost_backend}) and the reference disagree")
     matcher_results = {
         "ours": timed(lambda: matcher(outputs, targets), device, repeats, warmup),
+        "ours_cost_only": timed(lambda: matcher.cost_matrix(outputs, targets), device, repeats,
+                                warmup),
+        "ours_torch_cost": timed(lambda: torch_cost_matcher(outputs, targets), device, repeats,
+                                 warmup),
         "reference": timed(lambda: reference(outputs, targets), device, max(3, repeats // 4), 1),
     }
 
     ours_ms = results["ours"]["median_ms"]
+    matcher_ms = matcher_results["ours"]["median_ms"]
     return {
         "problems": int(cost.shape[0]),
         "cost_shape": list(cost.shape),
@@ -258,9 +235,21 @@ def run_workload(name, spec, device, repeats, warmup, threads):
         "assignment_speedup": {k: v["median_ms"] / ours_ms for k, v in results.items()
                                if k != "ours"},
         "matcher": matcher_results,
-        "matcher_speedup": matcher_results["reference"]["median_ms"]
-        / matcher_results["ours"]["median_ms"],
+        "matcher_speedup": matcher_results["reference"]["median_ms"] / matcher_ms,
+        "matcher_speedup_over_torch_cost": matcher_results["ours_torch_cost"]["median_ms"]
+        / matcher_ms,
+        "matcher_over_assignment": matcher_ms / ours_ms,
     }
+
+
+def group_totals(cost, indices, num_groups, queries_per_group):
+    """Total cost per (image, group) of DETR index lists under the padded `(B, K*N, M)` cost."""
+    totals = np.zeros((len(indices), num_groups))
+    for b, (q, t) in enumerate(indices):
+        q, t = q.cpu(), t.cpu()
+        values = cost[b].cpu().double()[q, t]
+        np.add.at(totals[b], (q // queries_per_group).numpy(), values.numpy())
+    return totals
 
 
 def print_table(report):
@@ -279,25 +268,21 @@ def print_table(report):
             else:
                 cells.append(f"{t['median_ms']:12.3f} ({r['assignment_speedup'][c]:6.1f}x)  ")
         print(f"{name:12s} {r['problems']:8d} " + " ".join(cells))
-    print("\nwhole matcher (cost + assignment + DETR index lists), median ms")
-    print(f"{'workload':12s} {'GroupMatcher':>14s} {'reference':>14s} {'speed-up':>9s}")
+    print("\nwhole matcher (cost + assignment + DETR index lists), median ms; GroupMatcher's "
+          "speed-up over each, and its time over its own assignment time")
+    print(f"{'workload':12s} {'GroupMatcher':>12s} {'(its cost)':>10s} {'torch cost':>18s} "
+          f"{'reference':>18s} {'/ assignment':>12s}")
     for name, r in report["workloads"].items():
         m = r["matcher"]
-        print(f"{name:12s} {m['ours']['median_ms']:14.3f} {m['reference']['median_ms']:14.3f} "
-              f"{r['matcher_speedup']:8.1f}x")
+        print(f"{name:12s} {m['ours']['median_ms']:12.3f} {m['ours_cost_only']['median_ms']:10.3f} "
+              f"{m['ours_torch_cost']['median_ms']:10.3f} ({r['matcher_speedup_over_torch_cost']:4.1f}x) "
+              f"{m['reference']['median_ms']:10.3f} ({r['matcher_speedup']:4.1f}x) "
+              f"{r['matcher_over_assignment']:11.1f}x")
     lapx = [r["assignment"]["lapx_best"].get("solver") for r in report["workloads"].values()
             if "lapx_best" in r["assignment"]]
     if lapx:
         print(f"\nlapx_best: the fastest of lapx's batch solvers per workload ({', '.join(lapx)}), "
               f"{report['threads']} threads")
-
-
-def git_commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, text=True,
-                              capture_output=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def main(argv=None):
@@ -326,16 +311,10 @@ def main(argv=None):
 
     report = {
         "benchmark": "matcher",
-        "machine": machine_name(device),
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
-        else platform.processor() or platform.machine(),
+        **common.environment(device),
         "cpu_count": os.cpu_count(),
-        "threads": args.threads,
         "backends": group_detr.backends(),
-        "versions": {"torch": torch.__version__, "python": platform.python_version()},
-        "commit": git_commit(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cpu_scan": _ext.lsa_cpu_scan(),
         "workloads": {},
     }
     try:
@@ -353,13 +332,12 @@ def main(argv=None):
         print(f"running {name} ...", flush=True)
         report["workloads"][name] = run_workload(name, workloads[name], device, args.repeats,
                                                  args.warmup, args.threads)
+    report["load_average_after"] = list(os.getloadavg())
     print_table(report)
+    print(f"\nload average before / after: {report['load_average']} / "
+          f"{report['load_average_after']}")
     if not args.quick:
-        out = args.out or os.path.join(HERE, "results", f"matcher-{report['machine']}.json")
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        with open(out, "w") as f:
-            json.dump(report, f, indent=2)
-        print(f"\nwrote {out}")
+        common.write_results(report, args.out or common.results_path("matcher", report["machine"]))
     return report
 
 
