@@ -39,8 +39,9 @@ def _nvcc_toolkit():
         dry_run = None
     if dry_run is not None:
         match = re.search(r"^#\$ TOP=(.+)$", dry_run.stdout + dry_run.stderr, re.MULTILINE)
-        if match and _is_toolkit(os.path.realpath(match.group(1).strip())):
-            return os.path.realpath(match.group(1).strip())
+        top = os.path.realpath(match.group(1).strip()) if match else None
+        if _is_toolkit(top):
+            return top
     resolved = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
     return resolved if _is_toolkit(resolved) else None
 
