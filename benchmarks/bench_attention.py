@@ -15,9 +15,9 @@ For every attention workload of workloads.json, on identical inputs `(B, H, L, D
             only: on a CPU-only machine the reference paths are timed and the kernel is reported
             as not measured).
 Each path is timed forward (no grad) and forward+backward; the outputs and gradients of every
-path are checked against "masked" before timing (the first, compiling / autotuning, calls). Medians and ratios are printed as a table and
-written to results/attention-<device>.json, with a bar chart in results/attention-<device>.png
-when matplotlib is installed.
+path are checked against "masked" before timing (those are the first, compiling calls). Medians
+and ratios are printed as a table and written to results/attention-<device>.json, with a bar
+chart in results/attention-<device>.png when matplotlib is installed.
 
 On CPU the batch defaults to 1 and the repeats to 3, which keeps the reference paths to about a
 minute on two cores (dense attention over L = 10100 queries is slow there) and flex's compiles

@@ -324,7 +324,8 @@ def _auto_flex(q, k, v, layout, scale):
     try:
         return flex_attention(q, k, v, layout, scale=scale)
     except Exception as error:  # noqa: BLE001  (whatever the compiler stack raises)
-        _flex_failure = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        first_line = str(error).splitlines()[0] if str(error) else ""
+        _flex_failure = f"{type(error).__name__}: {first_line}"
         warnings.warn(f"backend='auto': FlexAttention does not compile here ({_flex_failure}); "
                       "using 'masked' instead from now on", RuntimeWarning, stacklevel=3)
         return masked_attention(q, k, v, layout, scale=scale)

@@ -23,7 +23,9 @@ for tests.
 
 On CPU tensors the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set before
 triton is imported); there `tl.dot` is computed in float32 (the interpreter's bf16 dot is wrong)
-and nothing is autotuned.
+with a fixed inner block. On a GPU each kernel runs one committed configuration per head_dim,
+dtype, dropout and GPU generation (`launch_config`), compiled ahead of time for sm_80 and sm_90
+in tests/test_kernel_aot.py (group_detr.kernels.aot); nothing is autotuned.
 
 The launchers `forward` / `backward` are the kernels' only entry points; autograd, dispatch and
 input checks belong to their one caller, the custom op `torch.ops.group_detr.grouped_attention_fwd`
@@ -44,6 +46,29 @@ from group_detr.layout import QueryLayout
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * LOG2E): the kernels work in the exp2 domain
 _LOG2E = tl.constexpr(LOG2E)  # the same inside kernels (globals used by kernels must be constexpr)
 INTERPRETED = triton.knobs.runtime.interpret
+
+
+def _interpreter_index_of_one_element_arrays():
+    """Triton 3.6's interpreter holds every scalar as a shape-(1,) array and turns it into a
+    Python int (a dynamic `range` bound) with `int(array)`, which numpy >= 2.5 refuses; Triton
+    3.9 squeezes first. Give the older interpreter 3.9's conversion (interpreter only: compiled
+    kernels never see it)."""
+    from triton.runtime import interpreter
+
+    patch = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch is None or getattr(patch, "_squeezes_index", False):
+        return
+
+    def patched(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patched._squeezes_index = True
+    interpreter._patch_lang_tensor = patched
+
+
+if INTERPRETED:
+    _interpreter_index_of_one_element_arrays()
 TILE = 64  # rows of a query tile (forward, dQ) and of a key tile (dK, dV); the schedule's unit
 
 
@@ -310,21 +335,32 @@ def launch_config(name: str, head_dim: int, dtype: torch.dtype, has_dropout: boo
                   capability: Tuple[int, int]) -> LaunchConfig:
     """The configuration the launcher runs `name` with on a GPU of compute `capability`.
 
-    Chosen by the resource table of `python scripts/kernel_resources.py` (ptxas for sm_80 and
-    sm_90, benchmarks/results/kernel_resources-aot.json): the largest inner block that neither
-    spills registers nor passes the GPU's shared memory; not yet by a GPU timing (none has been
-    run). tests/test_kernel_aot.py compiles every choice of this function and fails on a spill
-    or a shared-memory overflow.
+    Read from ptxas's resource reports for sm_80 and sm_90 (group_detr.kernels.aot: the
+    former 4-warp choices, then candidates compiled with `compile_all(keys, configs=...)`), not
+    yet from a GPU timing (none has run): the configurations that neither spill registers nor
+    pass the GPU's shared memory. The launcher's choices are the table
+    benchmarks/results/kernel_resources-aot.json (scripts/kernel_resources.py). With 4 warps
+    and 64-wide blocks everywhere, half precision spilled in 20 of 96 launches (dkdv up to
+    408 B at D=64 with dropout on sm_80). The same choice holds on sm_80 and sm_90.
+    tests/test_kernel_aot.py compiles every choice of this function and fails on a
+    half-precision spill or a shared-memory overflow.
     """
     if name == "preprocess":
         return LaunchConfig(TILE, 4, 1)
-    if dtype == torch.float32:
-        # full-precision dots keep float32 tiles in registers: 64-wide blocks spill (ptxas gives
-        # them a 6-18 KB stack frame), 32-wide blocks with 4 warps do not
-        return LaunchConfig(32, 4, 1)
-    if head_dim == 128:
-        return LaunchConfig(32, 4, 2)
-    return LaunchConfig(64, 4, 2)
+    if dtype != torch.float32:
+        # 32-wide blocks everywhere ((64, 8 warps) still spilled dkdv at D=64 and 128). Warps by
+        # what did not spill on sm_80: ptxas gave 8-warp fwd (D=64) and dq (D=128) 128 registers
+        # and 16-52 B of spills without dropout, and 4-warp dq at D=32 16 B with dropout
+        if name == "fwd" or (name == "dq" and head_dim == 128):
+            return LaunchConfig(32, 4, 2)
+        return LaunchConfig(32, 8, 2)
+    # float32 dots are full-precision FMAs on float32 tiles held in registers: 16-wide inner
+    # blocks where 32 spill (dkdv at every D tried, fwd and dq at D=128), one stage. It still
+    # spills in fwd at D=128 on sm_90 (about 300 B) and costs about twice the inner-loop steps
+    # of half precision's 32-wide blocks
+    if name == "dkdv" or head_dim == 128:
+        return LaunchConfig(16, 8, 1)
+    return LaunchConfig(32, 8, 1)
 
 
 def _launch(name, grid, args, constants, device):
