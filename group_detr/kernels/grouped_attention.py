@@ -348,12 +348,21 @@ def launch_config(name: str, head_dim: int, dtype: torch.dtype, has_dropout: boo
     if name == "preprocess":
         return LaunchConfig(TILE, 4, 1)
     if dtype != torch.float32:
-        # 32-wide blocks everywhere ((64, 8 warps) still spilled dkdv at D=64 and 128). Warps by
-        # what did not spill on sm_80: ptxas gave 8-warp fwd (D=64) and dq (D=128) 128 registers
-        # and 16-52 B of spills without dropout, and 4-warp dq at D=32 16 B with dropout
-        if name == "fwd" or (name == "dq" and head_dim == 128):
-            return LaunchConfig(32, 4, 2)
-        return LaunchConfig(32, 8, 2)
+        # The one choice per kernel that ptxas compiled without a spill on sm_80 and sm_90 in
+        # both Triton 3.9 (CI) and 3.6 (the device image), at every head dim and with and
+        # without dropout (candidates: blocks 16/32/64, 4/8 warps, 1/2 stages). The previous
+        # table ((32, 4, 2) for fwd and dq at D=128, (32, 8, 2) elsewhere) was clean on 3.9 but
+        # spilled 16-64 B in 10 sm_80 launches on 3.6 (fwd D=32, dkdv D=64, dq D=64 with
+        # dropout, dq D=128). fwd has no clean 32-wide choice on both (D=64 or D=128 spill);
+        # at D=128 dropout's extra live values make the 1-stage choices spill (36-96 B), where
+        # 2 stages with 8 warps do not (and without dropout dq's 2-stage choice spills on sm_80).
+        if name == "fwd":
+            return LaunchConfig(16, 4, 2)
+        if head_dim == 128 and has_dropout:
+            return LaunchConfig(32, 8, 2)
+        if name == "dkdv":
+            return LaunchConfig(32, 4, 1)
+        return LaunchConfig(32, 8, 1)
     # float32 dots are full-precision FMAs on float32 tiles held in registers: 16-wide inner
     # blocks where 32 spill (dkdv at every D tried, fwd and dq at D=128), one stage. It still
     # spills in fwd at D=128 on sm_90 (about 300 B) and costs about twice the inner-loop steps
