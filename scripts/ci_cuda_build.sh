@@ -50,14 +50,23 @@ step "venv $VENV: $CUDA_TORCH $CUDA_PACKAGES"
 "$VENV/bin/python" -c "import torch; assert torch.version.cuda, 'not a CUDA build of torch'; \
 print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
 
-step "source copy $SRC (its build/ kept: ninja rebuilds only what changed)"
+step "source copy $SRC (its build/ kept while the native sources are unchanged)"
 mkdir -p "$SRC"
 find "$SRC" -mindepth 1 -maxdepth 1 ! -name build -exec rm -rf {} +  # no stale files
 git ls-files -z --cached --others --exclude-standard \
     | tar --null --ignore-failed-read -T - -cf - | tar -xf - -C "$SRC"
+# The copy keeps the files' times, so a source edited before the kept build/ was made but
+# copied after it looks older than its object, and ninja would link a stale one: the kept
+# build/ is reused only while the native sources are the same, byte for byte.
+source_hash=$(git ls-files -z --cached --others --exclude-standard csrc setup.py \
+    | xargs -0 sha256sum | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$SRC/build/.source-hash" 2>/dev/null)" != "$source_hash" ]; then
+    rm -rf "$SRC/build"
+fi
 
 step "build against the CUDA torch"
 (cd "$SRC" && "$VENV/bin/python" setup.py -q build_ext --inplace)
+echo "$source_hash" >"$SRC/build/.source-hash"
 
 step "import and tests: $CUDA_TESTS"
 # shellcheck disable=SC2086

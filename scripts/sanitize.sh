@@ -19,10 +19,17 @@ PY=${PYTHON:-$ROOT/.venv/bin/python}
 case "$OUT" in "$ROOT"|"$ROOT"/*) echo "SANITIZE_DIR must be outside the repository" >&2; exit 2;; esac
 
 # The tracked and untracked (not ignored) files of the working tree: no .so, no build/. Copied
-# over an earlier copy with their times kept, so that ninja recompiles only what changed.
+# over an earlier copy with their times kept; since a source edited before the earlier build but
+# copied after it would look older than its object, the earlier build is reused only while the
+# native sources are the same, byte for byte.
 mkdir -p "$OUT"
 git ls-files -co --exclude-standard -z | tar --null --ignore-failed-read -T - -cf - 2>/dev/null \
   | tar -xf - -C "$OUT"
+source_hash=$(git ls-files -z -co --exclude-standard csrc setup.py | xargs -0 sha256sum \
+  | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$OUT/build/.source-hash" 2>/dev/null)" != "$source_hash" ]; then
+  rm -rf "$OUT/build" "$OUT"/group_detr/_C*.so
+fi
 
 SAN="-fsanitize=address,undefined -fno-sanitize=vptr -fno-sanitize-recover=undefined"
 SAN="$SAN -fno-omit-frame-pointer -g"
@@ -31,6 +38,7 @@ SAN="$SAN -fno-omit-frame-pointer -g"
 (cd "$OUT" && GROUP_DETR_FORCE_CPU=1 CFLAGS="$SAN" LDFLAGS="$SAN" \
   nice -n 10 "$PY" setup.py build_ext --inplace >"$OUT/build.log" 2>&1) \
   || { tail -30 "$OUT/build.log"; echo "sanitizer build failed (log: $OUT/build.log)" >&2; exit 1; }
+echo "$source_hash" >"$OUT/build/.source-hash"
 
 export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)"
 export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1:detect_stack_use_after_return=1"

@@ -10,6 +10,7 @@ import json
 import os
 
 import pytest
+from conftest import requires_pycocotools
 
 from group_detr.config import demo_config
 from group_detr.data.synthetic import write_synthetic_dataset
@@ -23,6 +24,7 @@ MIN_TRAIN_AP50 = 0.3
 MAX_FINAL_GIOU_LOSS = 0.45
 
 
+@requires_pycocotools  # scored with COCOeval
 def test_demo_model_leaves_the_default_box_plateau(tmp_path):
     data_dir = str(tmp_path / "data")
     write_synthetic_dataset(data_dir, "easy", num_train=NUM_IMAGES, num_val=1)
