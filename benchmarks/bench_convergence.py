@@ -1,7 +1,7 @@
 """Does Group DETR converge faster with more groups?  (the paper's Table 1 and Figures 3-4)
 
 Trains the same model on the same synthetic data, with the same seed and schedule, once for
-every K in `--groups` (default 1 3 11) through `group_detr.engine.train`, evaluating COCO AP on
+every K in `--groups` (default 1 2 3 5 7 11) and every seed in `--seeds` (default 0 1 2) through `group_detr.engine.train`, evaluating COCO AP on
 the validation split after every epoch; a `ConvergenceRecorder` callback records the paper's
 distances (`group_detr.analysis`): PD (eq. 6, nearest-query distance between the groups' query
 positions) and MD (eq. 7, distance between the queries of different groups matched to the same
@@ -12,9 +12,9 @@ positions. Writes
     benchmarks/results/convergence-<machine>.png         AP / AP50 vs epoch per K; Figure 4: PD, MD vs step
     benchmarks/results/convergence-<machine>-query-positions.png   Figure 3: largest K, one colour per group
 
-    python benchmarks/bench_convergence.py                 # default: K = 1 3 11, one seed
-    python benchmarks/bench_convergence.py --seeds 0 1 2   # mean and spread over seeds
-    python benchmarks/bench_convergence.py --epochs 12     # the paper's 12-epoch schedule
+    python benchmarks/bench_convergence.py                 # default: K = 1 2 3 5 7 11, seeds 0 1 2
+    python benchmarks/bench_convergence.py --groups 1 11 --seeds 0   # one seed, two K
+    python benchmarks/bench_convergence.py --epochs 8      # a longer schedule
     python benchmarks/bench_convergence.py --quick         # smoke test, well under 3 minutes
     # a diagnosis: every run starts from the backbone of a trained detector (a checkpoint of
     # `python -m group_detr demo --num-groups 1 --epochs 12 --seed 100`), at the paper's backbone lr
@@ -22,12 +22,11 @@ positions. Writes
         --set backbone_weights=runs/pretrain-backbone/checkpoint.pth lr_backbone=1e-5 \
         --out benchmarks/results/convergence-cpu-2core-pretrained-backbone.json
 
-The model is the demo preset (`group_detr.config.demo_config`) on the demo's synthetic preset
-(`TrainConfig.synthetic`, written to data/synthetic-<preset> when missing), for 24 epochs with
-the lr drop after 22 (why 24 and not the paper's 12: `default_config`); only K and the seed
-change between runs. Each run has one intra-op thread and the demo's one data-loader worker, and
-`--jobs` (default: one per core) runs that many at once, largest K first; every run seeds itself,
-so `--jobs` changes the wall time and nothing else.
+The model and schedule are the demo's (`group_detr.config.demo_config`: 4 epochs of the easy
+synthetic preset, written to data/synthetic-<preset> when missing, the lr drop at 11/12); only K
+and the seed change between runs. Each run has one intra-op thread and loads its data in its own
+process (no worker), and `--jobs` (default: one per core) runs that many at once, largest K
+first; every run seeds itself, so `--jobs` changes the wall time and nothing else.
 """
 import argparse
 import dataclasses
@@ -45,20 +44,17 @@ from group_detr.data.coco import collate_fn
 from group_detr.data.synthetic import ensure_synthetic_dataset
 from group_detr.engine import Callback, TrainingRun, build_matcher, train
 
-DEFAULT_GROUPS = (1, 3, 11)
+DEFAULT_GROUPS = (1, 2, 3, 5, 7, 11)
+DEFAULT_SEEDS = (0, 1, 2)
 DISTANCES = ("PD", "PD_first", "MD", "MD_first")
 FINAL_METRICS = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large")  # COCO stats kept per epoch
 
 
 def default_config(**overrides) -> TrainConfig:
-    """The benchmark's configuration: the demo preset for 24 epochs (lr drop after 22), quiet.
-
-    24, not the paper's 12: at 12 epochs (2256 steps) this from-scratch model ends at 2-3 AP with
-    any K, too close to the floor to show a gain of a few points (README, "Does it reproduce the
-    paper?"); `--epochs 12` gives the paper's schedule.
-    """
+    """The benchmark's configuration: the demo's model, data and schedule, one thread per run,
+    quiet."""
     demo = demo_config(**{k: v for k, v in overrides.items() if k == "synthetic"})  # data_dir follows the preset
-    base = dataclasses.replace(demo, epochs=24, data_dir=os.path.join(common.ROOT, demo.data_dir),
+    base = dataclasses.replace(demo, num_threads=1, num_workers=0, data_dir=os.path.join(common.ROOT, demo.data_dir),
                                output_dir=os.path.join(common.ROOT, "runs", "convergence"),
                                eval_every=1, print_freq=10**9, resume=False)
     return dataclasses.replace(base, **overrides)
@@ -253,7 +249,8 @@ def parse_overrides(items: Sequence[str]) -> Dict:
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--groups", type=int, nargs="+", default=list(DEFAULT_GROUPS), help="values of K")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (mean and spread over them)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS),
+                        help="seeds (mean and spread over them)")
     parser.add_argument("--epochs", type=int, default=None, help="override the schedule's epochs")
     parser.add_argument("--data-dir", default=None, help="synthetic dataset (written there if missing)")
     parser.add_argument("--analysis-images", type=int, default=16, help="validation images for PD / MD")
@@ -262,9 +259,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
                              "--set num_queries=30 lr=2e-4 (for diagnosis runs; write them with --out)")
     parser.add_argument("--jobs", type=int, default=None,
                         help="runs at once, one process each (same results, less wall time; each run "
-                             "takes about one core: its one intra-op thread and its data-loader worker); "
+                             "takes one core: one intra-op thread, data loaded in the same process); "
                              "default: one per core, at most one per run")
-    parser.add_argument("--quick", action="store_true", help="smoke test: few images, 2 epochs, K = 1 3")
+    parser.add_argument("--quick", action="store_true", help="smoke test: few images, 2 epochs, K = 1 3, seed 0")
     parser.add_argument("--out", default=None, help="results json (default benchmarks/results/convergence-<machine>.json)")
     args = parser.parse_args(argv)
 
@@ -276,16 +273,17 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     if args.quick:
         config = quick_config(**overrides)
         groups = args.groups if args.groups != list(DEFAULT_GROUPS) else [1, 3]
+        seeds = args.seeds if args.seeds != list(DEFAULT_SEEDS) else [0]
         analysis_images = min(args.analysis_images, 8)
     else:
         config = default_config(**overrides)
-        groups, analysis_images = args.groups, args.analysis_images
+        groups, seeds, analysis_images = args.groups, args.seeds, args.analysis_images
     ensure_synthetic_dataset(config.data_dir, config.synthetic)
     machine = common.machine_name(torch.device("cpu"))
     out = args.out or common.results_path("convergence", machine, quick=args.quick)
     start = time.time()
-    jobs = args.jobs or min(len(os.sched_getaffinity(0)), len(groups) * len(args.seeds))
-    results = run_convergence(config, groups, args.seeds, analysis_images, jobs=jobs)
+    jobs = args.jobs or min(len(os.sched_getaffinity(0)), len(groups) * len(seeds))
+    results = run_convergence(config, groups, seeds, analysis_images, jobs=jobs)
     results.update({**common.environment(torch.device("cpu")), "quick": args.quick, "jobs": jobs,
                     "wall_s": round(time.time() - start, 1)})
     stem = os.path.splitext(out)[0]
@@ -293,7 +291,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     results["png"] = png and os.path.basename(png)
     results["query_positions_png"] = positions_png and os.path.basename(positions_png)
     common.write_results(results, out, indent=1)
-    print(f"\nfinal epoch, mean over {len(args.seeds)} seed(s):")
+    print(f"\nfinal epoch, mean over {len(seeds)} seed(s):")
     for k, s in results["summary"].items():
         final = s["final"]
         print(f"  K={k:>2}: AP {final['AP']['mean']:.3f} (std {final['AP']['std']:.3f})  "

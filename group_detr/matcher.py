@@ -46,9 +46,9 @@ def _get(mapping, *keys, what):
 def pad_targets(targets, num_classes: int, device, validate: bool = True):
     """Stack per-image targets into padded tensors.
 
-    Returns labels `(B, M_max)` int64, boxes `(B, M_max, 4)` cxcywh and the list of M_i.
-    Padding rows hold label 0 and a valid unit box so that the costs stay finite; the solver
-    never looks at them (`num_targets`).
+    Returns labels `(B, M_max)` int64, boxes `(B, M_max, 4)` float32 cxcywh and the list of
+    M_i. Padding rows hold label 0 and the valid box (0.5, 0.5, 0.5, 0.5) so that the costs
+    stay finite; the solver never looks at them (`num_targets`).
 
     This is where targets are validated, once, before matching (SetCriterion does not check them
     again). The shape and dtype checks read no tensor values and always run. The value checks
@@ -68,19 +68,34 @@ def pad_targets(targets, num_classes: int, device, validate: bool = True):
             )
         if l.is_floating_point():
             raise TypeError(f"target {i}: labels must be integer class ids, got {l.dtype}")
-    max_targets = max(sizes, default=0)
-    num_images = len(targets)
-    labels_padded = torch.zeros((num_images, max_targets), dtype=torch.int64, device=device)
-    # Filled on the device (a torch.tensor(list, device=cuda) would be a blocking copy).
-    boxes_padded = torch.ones((num_images, max_targets, 4), device=device)
-    boxes_padded[..., :2] = 0.5
-    for i, (l, b) in enumerate(zip(labels, boxes)):
-        labels_padded[i, : sizes[i]] = l
-        boxes_padded[i, : sizes[i]] = b
+    labels_padded, boxes_padded = _stack_padded(labels, boxes, device)
     if not validate:
         return labels_padded.clamp_(0, max(num_classes - 1, 0)), boxes_padded, sizes
     check_targets(labels_padded, boxes_padded, num_classes)
     return labels_padded, boxes_padded, sizes
+
+
+def _stack_padded(labels, boxes, device):
+    """Per-image labels `(M_i,)` and boxes `(M_i, 4)` -> `(B, M_max)` int64, `(B, M_max, 4)`
+    float32 on `device`, padded with 0 and 0.5. One pad_sequence per field where the images'
+    tensors share a dtype and device (per-image copies cost a few microseconds each, which is
+    most of a small batch's assignment time); else image by image. On the device, without a
+    blocking host copy."""
+    num_images = len(labels)
+    uniform = num_images > 0 and all(
+        l.dtype == labels[0].dtype and l.device == labels[0].device and b.dtype == boxes[0].dtype
+        and b.device == boxes[0].device for l, b in zip(labels, boxes))
+    if uniform:
+        pad = torch.nn.utils.rnn.pad_sequence
+        return (pad(labels, batch_first=True, padding_value=0).to(device, torch.int64),
+                pad(boxes, batch_first=True, padding_value=0.5).to(device, torch.float32))
+    max_targets = max((l.shape[0] for l in labels), default=0)
+    labels_padded = torch.zeros((num_images, max_targets), dtype=torch.int64, device=device)
+    boxes_padded = torch.full((num_images, max_targets, 4), 0.5, device=device)
+    for i, (l, b) in enumerate(zip(labels, boxes)):
+        labels_padded[i, : l.shape[0]] = l
+        boxes_padded[i, : l.shape[0]] = b
+    return labels_padded, boxes_padded
 
 
 def check_targets(labels: Tensor, boxes: Tensor, num_classes: int) -> None:

@@ -176,6 +176,36 @@ def test_optimizer_and_schedule_follow_the_paper():
     assert all(id(p) in backbone_ids for p in backbone["params"])
     assert not any(id(p) in backbone_ids for p in rest["params"])
     assert config.lr_drop_fraction == 11 / 12 and config.clip_max_norm == 0.1
+    assert config.warmup_steps == 0
+    # The fused update (one kernel) on the CPU; the same numbers as the for-loop one.
+    assert rest["fused"] and backbone["fused"]
+    reference = torch.optim.AdamW([p.detach().clone().requires_grad_() for p in model.parameters()],
+                                  lr=1e-3, weight_decay=1e-4)
+    fused = torch.optim.AdamW(list(model.parameters()), lr=1e-3, weight_decay=1e-4, fused=True)
+    for _ in range(3):
+        for opt in (reference, fused):
+            for p in opt.param_groups[0]["params"]:
+                p.grad = torch.ones_like(p) * 0.1
+            opt.step()
+    for p, q in zip(reference.param_groups[0]["params"], fused.param_groups[0]["params"]):
+        torch.testing.assert_close(p, q)
+
+
+def test_schedule_warms_up_then_drops():
+    config = TrainConfig(backbone="small", hidden_dim=32, nheads=4, enc_layers=1, dec_layers=1,
+                         dim_feedforward=32, num_queries=2, num_groups=2, lr=1e-3, epochs=2,
+                         lr_drop_fraction=0.75, warmup_steps=4)
+    optimizer = build_optimizer(build_model(config, 3), config)
+    scheduler = engine.build_lr_scheduler(optimizer, config, steps_per_epoch=8)  # drop after step 12
+    lrs = []
+    for _ in range(16):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:5] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
+    assert lrs[11] == pytest.approx(1e-3) and lrs[12:] == pytest.approx([1e-4] * 4)
+    with pytest.raises(ValueError, match="warmup_steps must be >= 0"):
+        TrainConfig(warmup_steps=-1).validate()
 
 
 @requires_pycocotools

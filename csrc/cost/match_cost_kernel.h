@@ -1,5 +1,5 @@
 // The fused matching cost without torch: per-image targets in structure-of-arrays form and the
-// row kernel (cost_row.inc) instantiated for plain floats and, on x86-64, for AVX2 + FMA (chosen
+// block kernel (cost_row.inc) instantiated for plain floats and, on x86-64, for AVX2 + FMA (chosen
 // at run time, so one binary runs on any x86-64). match_cost_cpu.cpp wraps it as the op; keeping
 // it free of torch headers lets it be compiled and profiled on its own.
 #pragma once
@@ -25,14 +25,19 @@ struct CostParams {
   bool gamma_is_two;
 };
 
-// The targets of one image, each array `padded` (a multiple of 8) long: cxcywh for the L1 term,
-// xyxy corners and area for GIoU, computed as box_ops computes them.
+constexpr int64_t kMaxWidth = 8;  // queries per block: one AVX2 vector, 8 scalar lanes
+
+// The targets of one image, `count` of each: cxcywh for the L1 term, xyxy corners and area for
+// GIoU, computed as box_ops computes them. Read one target at a time (broadcast to the lanes).
 struct TargetsSoA {
   const float *cx, *cy, *w, *h, *x0, *y0, *x1, *y1, *area;
-  int64_t padded;
+  int64_t count;
 };
 
-constexpr int64_t kMaxWidth = 8;
+// The predicted cxcywh boxes of one block of kMaxWidth queries, one array per coordinate.
+struct QueryBlock {
+  float cx[kMaxWidth], cy[kMaxWidth], w[kMaxWidth], h[kMaxWidth];
+};
 
 // No contraction of a * b + c into a fused multiply-add except where fmadd asks for one: both
 // builds then round every operation alike, and the cost keeps the reference's operation order.
