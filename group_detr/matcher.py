@@ -77,25 +77,15 @@ def pad_targets(targets, num_classes: int, device, validate: bool = True):
 
 def _stack_padded(labels, boxes, device):
     """Per-image labels `(M_i,)` and boxes `(M_i, 4)` -> `(B, M_max)` int64, `(B, M_max, 4)`
-    float32 on `device`, padded with 0 and 0.5. One pad_sequence per field where the images'
-    tensors share a dtype and device (per-image copies cost a few microseconds each, which is
-    most of a small batch's assignment time); else image by image. On the device, without a
-    blocking host copy."""
-    num_images = len(labels)
-    uniform = num_images > 0 and all(
-        l.dtype == labels[0].dtype and l.device == labels[0].device and b.dtype == boxes[0].dtype
-        and b.device == boxes[0].device for l, b in zip(labels, boxes))
-    if uniform:
-        pad = torch.nn.utils.rnn.pad_sequence
-        return (pad(labels, batch_first=True, padding_value=0).to(device, torch.int64),
-                pad(boxes, batch_first=True, padding_value=0.5).to(device, torch.float32))
-    max_targets = max((l.shape[0] for l in labels), default=0)
-    labels_padded = torch.zeros((num_images, max_targets), dtype=torch.int64, device=device)
-    boxes_padded = torch.full((num_images, max_targets, 4), 0.5, device=device)
-    for i, (l, b) in enumerate(zip(labels, boxes)):
-        labels_padded[i, : l.shape[0]] = l
-        boxes_padded[i, : l.shape[0]] = b
-    return labels_padded, boxes_padded
+    float32 on `device`, padded with 0 and 0.5: one pad_sequence per field (per-image slice
+    copies cost a few microseconds each, most of a small batch's assignment time; `.to` is free
+    for a tensor already of that dtype and device). No blocking host copy on CUDA."""
+    if not labels:
+        return (torch.zeros((0, 0), dtype=torch.int64, device=device),
+                torch.zeros((0, 0, 4), device=device))
+    pad = torch.nn.utils.rnn.pad_sequence
+    return (pad([l.to(device, torch.int64) for l in labels], batch_first=True, padding_value=0),
+            pad([b.to(device, torch.float32) for b in boxes], batch_first=True, padding_value=0.5))
 
 
 def check_targets(labels: Tensor, boxes: Tensor, num_classes: int) -> None:
