@@ -109,7 +109,8 @@ def with_cuda():
 
 
 def extensions(cpp_extension, cuda):
-    sources = ["csrc/lsa/lsa.cpp", "csrc/lsa/lsa_cpu.cpp", "csrc/cost/match_cost_cpu.cpp"]
+    sources = ["csrc/lsa/lsa.cpp", "csrc/lsa/lsa_cpu.cpp", "csrc/cost/match_cost_cpu.cpp",
+               "csrc/cost/group_match_cpu.cpp"]
     # -std=c++20: torch's own c10/ATen headers need it from torch 2.14 on (std::strong_ordering,
     # `requires`). -fopenmp: at::parallel_for is inline OpenMP code compiled into this extension;
     # without the flag it silently runs on one thread. -fno-wrapv undoes the -fwrapv that

@@ -52,6 +52,13 @@ def has_match_cost_cpu() -> bool:
     return _C is not None and hasattr(torch.ops.group_detr, "match_cost")
 
 
+@functools.lru_cache(maxsize=None)
+def has_group_match_cpu() -> bool:
+    """GroupMatcher's one-pass CPU op (cost and assignment, csrc/cost/group_match_cpu.cpp) is
+    built (an extension built before it was added has match_cost alone)."""
+    return _C is not None and hasattr(torch.ops.group_detr, "group_match")
+
+
 def lsa_cpu_scan() -> str:
     """The column scan the CPU solver runs here: "avx2", "portable", or "" without the
     extension. GROUP_DETR_CPU_SCAN=portable forces the portable one, and the portable code of the
@@ -67,7 +74,8 @@ def backends() -> dict:
     """What this install can run: {name: bool}.
 
     lsa_cpu / lsa_cuda: the compiled batched solver; match_cost_cpu: the fused matching cost
-    (group_detr.match_cost); scipy: the reference solver;
+    (group_detr.match_cost); group_match_cpu: GroupMatcher's one-pass CPU op (cost and solve);
+    scipy: the reference solver;
     triton: the Triton package is importable; triton_cuda: the attention kernel can run on a GPU
     (False after it failed to compile or launch here: see group_detr.kernels.disable).
     """
@@ -75,6 +83,7 @@ def backends() -> dict:
         "lsa_cpu": has_lsa_cpu(),
         "lsa_cuda": has_lsa_cuda(),
         "match_cost_cpu": has_match_cost_cpu(),
+        "group_match_cpu": has_group_match_cpu(),
         "scipy": importlib.util.find_spec("scipy") is not None,
         "triton": has_triton(),
         "triton_cuda": has_triton() and torch.cuda.is_available() and _kernels.failure() is None,
@@ -99,6 +108,19 @@ if _C is not None:
                              num_targets=None):
             return logits.new_empty((logits.shape[0], logits.shape[1], labels.shape[1]),
                                     dtype=torch.float32)
+
+    if has_group_match_cpu():
+
+        @torch.library.register_fake("group_detr::group_match")
+        def _group_match_fake(logits, pred_boxes, labels, target_boxes, num_targets, num_groups,
+                              cost_class, cost_bbox, cost_giou, class_cost, focal_alpha,
+                              focal_gamma, validate):
+            # The pair count is known from the host ints: K * min(N, M_b) per image.
+            per_group = logits.shape[1] // num_groups
+            pairs = sum(num_groups * min(per_group, m) for m in num_targets)
+            index = logits.new_empty((pairs,), dtype=torch.int64)
+            return index, index.clone(), logits.new_empty((len(num_targets) * num_groups,),
+                                                          dtype=torch.int32)
 
     if has_lsa_warp_emulated():
 

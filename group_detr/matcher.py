@@ -4,7 +4,8 @@ Group DETR (Chen et al., ICCV 2023) matches every group of N queries one-to-one 
 truth, so each target gets K positives. Public implementations build DETR's batch-wide
 `(B*K*N, sum M)` cost, copy it to the host and call scipy B*K times. Here the cost is built per
 image and group as one padded `(B*K, N, M_max)` tensor (B times fewer entries) and solved by one
-call of the batched solver.
+call of the batched solver; on the CPU both run as one op, each problem's cost solved while it is
+still in the cache.
 
 Switching from a public matcher: the criterion's call stays as it is (DETR's
 `matcher(outputs, targets)`, Conditional DETR's and LW-DETR's `group_detr=K` keyword, the same
@@ -30,10 +31,11 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from group_detr import _ext
 from group_detr.assignment import _host_to_device, linear_sum_assignment, raise_for_status
 from group_detr.box_ops import check_boxes
 from group_detr.mask_cost import check_masks, mask_cost_matrix, num_points_for
-from group_detr.match_cost import CLASS_COSTS, COST_BACKENDS, match_cost
+from group_detr.match_cost import CLASS_COSTS, COST_BACKENDS, match_cost, resolve_cost_backend
 
 
 def _get(mapping, *keys, what):
@@ -41,6 +43,24 @@ def _get(mapping, *keys, what):
         if key in mapping:
             return mapping[key]
     raise KeyError(f"{what} not found: expected one of the keys {keys}, got {sorted(mapping)}")
+
+
+def target_fields(targets):
+    """Per-image labels `(M_i,)` and boxes `(M_i, 4)` of DETR's target dicts, and the M_i.
+
+    Checks what reads no tensor values: the keys, the shapes and that labels are integers.
+    """
+    labels = [_get(t, "labels", "class_labels", what="target labels") for t in targets]
+    boxes = [_get(t, "boxes", what="target boxes") for t in targets]
+    for i, (l, b) in enumerate(zip(labels, boxes)):
+        if l.dim() != 1 or b.shape != (l.shape[0], 4):
+            raise ValueError(
+                f"target {i}: labels must be (M,) and boxes (M, 4), got {tuple(l.shape)} "
+                f"and {tuple(b.shape)}"
+            )
+        if l.is_floating_point():
+            raise TypeError(f"target {i}: labels must be integer class ids, got {l.dtype}")
+    return labels, boxes, [int(l.shape[0]) for l in labels]
 
 
 def pad_targets(targets, num_classes: int, device, validate: bool = True):
@@ -51,23 +71,15 @@ def pad_targets(targets, num_classes: int, device, validate: bool = True):
     stay finite; the solver never looks at them (`num_targets`).
 
     This is where targets are validated, once, before matching (SetCriterion does not check them
-    again). The shape and dtype checks read no tensor values and always run. The value checks
-    (`check_targets`) read the tensors on the host, so with validate=False they are skipped on
-    every device (nothing synchronises on CUDA); labels are then clamped into range so that a
-    bad one cannot fault the gather, and a bad box gives non-finite costs, which the solver's
-    validate=False rule handles (`group_detr.assignment.sanitize_cost`).
+    again). The shape and dtype checks read no tensor values and always run
+    (`target_fields`). The value checks (`check_targets`) read the tensors on the host, so with
+    validate=False they are skipped on every device (nothing synchronises on CUDA); labels are
+    then clamped into range so that a bad one cannot fault the gather, and a bad box gives
+    non-finite costs, which the solver's validate=False rule handles
+    (`group_detr.assignment.sanitize_cost`). The one-pass CPU op applies the same checks and
+    the same clamp itself (csrc/cost/group_match_cpu.cpp), with the same messages.
     """
-    labels = [_get(t, "labels", "class_labels", what="target labels") for t in targets]
-    boxes = [_get(t, "boxes", what="target boxes") for t in targets]
-    sizes = [int(l.shape[0]) for l in labels]
-    for i, (l, b) in enumerate(zip(labels, boxes)):
-        if l.dim() != 1 or b.shape != (l.shape[0], 4):
-            raise ValueError(
-                f"target {i}: labels must be (M,) and boxes (M, 4), got {tuple(l.shape)} "
-                f"and {tuple(b.shape)}"
-            )
-        if l.is_floating_point():
-            raise TypeError(f"target {i}: labels must be integer class ids, got {l.dtype}")
+    labels, boxes, sizes = target_fields(targets)
     labels_padded, boxes_padded = _stack_padded(labels, boxes, device)
     if not validate:
         return labels_padded.clamp_(0, max(num_classes - 1, 0)), boxes_padded, sizes
@@ -119,7 +131,10 @@ class GroupMatcher(nn.Module):
         focal_alpha, focal_gamma: focal cost parameters.
         backend: solver backend, see `group_detr.linear_sum_assignment`.
         cost_backend: how the cost is computed, see `group_detr.match_cost`: "auto" (the
-            fused C++ op on the CPU, torch elsewhere), "torch" (the reference) or "fused".
+            fused C++ op on the CPU, torch elsewhere), "torch" (the reference) or "fused". With
+            the fused cost and the compiled CPU solver (backend "auto" or "cpu"), forward runs
+            cost and assignment as one op per call (`group_detr::group_match`, the same pairs
+            as `assign(cost_matrix(...))`, without the padded cost tensor).
         return_device: keep the indices on the outputs' device instead of DETR's CPU tensors.
         cost_mask, cost_dice: weights of Mask2Former's point-sampled sigmoid cross-entropy and
             dice costs (`group_detr.mask_cost`), used when the outputs hold "pred_masks"
@@ -194,20 +209,7 @@ class GroupMatcher(nn.Module):
         Class + L1 + GIoU (`group_detr.match_cost`), plus the mask costs when the outputs hold
         "pred_masks" and a mask weight is set (`group_detr.mask_cost`).
         """
-        logits = _get(outputs, "pred_logits", "logits", what="class logits")
-        pred_boxes = _get(outputs, "pred_boxes", what="predicted boxes")
-        if logits.dim() != 3 or pred_boxes.dim() != 3 or pred_boxes.shape[-1] != 4:
-            raise ValueError(
-                "expected pred_logits (B, Q, num_classes) and pred_boxes (B, Q, 4), got "
-                f"{tuple(logits.shape)} and {tuple(pred_boxes.shape)}"
-            )
-        if logits.shape[:2] != pred_boxes.shape[:2]:
-            raise ValueError(
-                f"pred_logits {tuple(logits.shape)} and pred_boxes {tuple(pred_boxes.shape)} "
-                "disagree on batch size or number of queries"
-            )
-        if len(targets) != logits.shape[0]:
-            raise ValueError(f"got {len(targets)} targets for a batch of {logits.shape[0]} images")
+        logits, pred_boxes = _predictions(outputs, targets)
         labels, tgt_boxes, sizes = pad_targets(
             targets, logits.shape[-1], logits.device, validate=self.validate
         )
@@ -249,8 +251,38 @@ class GroupMatcher(nn.Module):
             list of B tuples `(query_idx, target_idx)`, int64, query_idx ascending, the queries
             of group g offset by g*N; each of the K groups matches min(N, M_i) pairs.
         """
+        num_groups = num_groups if num_groups is not None else group_detr
+        logits, pred_boxes = _predictions(outputs, targets)
+        if self._matches_in_one_pass(outputs, logits, pred_boxes):
+            return self._match_in_one_pass(logits, pred_boxes, targets, num_groups)
         cost, sizes = self.cost_matrix(outputs, targets)
-        return self.assign(cost, sizes, num_groups if num_groups is not None else group_detr)
+        return self.assign(cost, sizes, num_groups)
+
+    def _matches_in_one_pass(self, outputs, logits: Tensor, pred_boxes: Tensor) -> bool:
+        """CPU inputs, the fused cost and the compiled CPU solver, no mask costs: then cost and
+        assignment run as one op (`group_detr::group_match`), whose pairs are those of
+        `assign(cost_matrix(...))` with cost_backend="fused", bit for bit; it never builds the
+        padded `(B, K*N, M_max)` cost (mostly zero padding when M_i vary) and wakes the
+        intra-op threads once. Measured on the 2-core CPU: benchmarks/bench_matcher.py."""
+        return ("pred_masks" not in outputs and self.backend in ("auto", "cpu")
+                and _ext.has_group_match_cpu()
+                and resolve_cost_backend(self.cost_backend, logits, pred_boxes) == "fused")
+
+    def _match_in_one_pass(self, logits: Tensor, pred_boxes: Tensor, targets, num_groups):
+        num_groups = self.num_groups if num_groups is None else num_groups
+        queries_per_group = _queries_per_group(logits.shape[1], num_groups)
+        labels, boxes, sizes = target_fields(targets)
+        if not sizes:
+            return []
+        device = logits.device
+        query, target, status = torch.ops.group_detr.group_match(
+            logits, pred_boxes, torch.cat(labels).to(device, torch.int64),
+            torch.cat(boxes).to(device, torch.float32), sizes, num_groups, float(self.cost_class),
+            float(self.cost_bbox), float(self.cost_giou), self.class_cost, float(self.focal_alpha),
+            float(self.focal_gamma), self.validate)
+        raise_for_status(status)
+        pairs = [num_groups * min(queries_per_group, m) for m in sizes]
+        return list(zip(query.split(pairs), target.split(pairs)))
 
     @torch.no_grad()
     def assign(self, cost: Tensor, num_targets, num_groups=None):
@@ -268,17 +300,12 @@ class GroupMatcher(nn.Module):
         if not isinstance(cost, Tensor) or cost.dim() != 3:
             raise ValueError("cost must be a tensor of shape (B, K*N, M_max)")
         num_images, total_queries, max_targets = cost.shape
-        if total_queries % num_groups:
-            raise ValueError(
-                f"the number of queries K*N = {total_queries} is not divisible by num_groups "
-                f"{num_groups}: Group DETR needs K groups of equal size N"
-            )
+        queries_per_group = _queries_per_group(total_queries, num_groups)
         sizes = [int(m) for m in (num_targets.tolist() if isinstance(num_targets, Tensor) else num_targets)]
         if len(sizes) != num_images:
             raise ValueError(f"num_targets has {len(sizes)} entries for {num_images} images")
         if any(not 0 <= m <= max_targets for m in sizes):  # host ints: free, on every device
             raise ValueError(f"num_targets {sizes} must lie in [0, M_max = {max_targets}]")
-        queries_per_group = total_queries // num_groups
         counts = torch.tensor(sizes, dtype=torch.int64).repeat_interleave(num_groups)
         # On CUDA: no synchronisation in the solve; the status (validate=True) travels to the
         # host with the indices in one copy, or alone with return_device. validate=False
@@ -300,6 +327,36 @@ class GroupMatcher(nn.Module):
 def _check_num_groups(num_groups):
     if not isinstance(num_groups, int) or isinstance(num_groups, bool) or num_groups < 1:
         raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
+
+
+def _queries_per_group(total_queries: int, num_groups) -> int:
+    """N for K*N queries; ValueError for a bad K or a K that does not divide them."""
+    _check_num_groups(num_groups)
+    if total_queries % num_groups:
+        raise ValueError(
+            f"the number of queries K*N = {total_queries} is not divisible by num_groups "
+            f"{num_groups}: Group DETR needs K groups of equal size N"
+        )
+    return total_queries // num_groups
+
+
+def _predictions(outputs, targets):
+    """The logits `(B, Q, C)` and boxes `(B, Q, 4)` of DETR's outputs dict, shapes checked."""
+    logits = _get(outputs, "pred_logits", "logits", what="class logits")
+    pred_boxes = _get(outputs, "pred_boxes", what="predicted boxes")
+    if logits.dim() != 3 or pred_boxes.dim() != 3 or pred_boxes.shape[-1] != 4:
+        raise ValueError(
+            "expected pred_logits (B, Q, num_classes) and pred_boxes (B, Q, 4), got "
+            f"{tuple(logits.shape)} and {tuple(pred_boxes.shape)}"
+        )
+    if logits.shape[:2] != pred_boxes.shape[:2]:
+        raise ValueError(
+            f"pred_logits {tuple(logits.shape)} and pred_boxes {tuple(pred_boxes.shape)} "
+            "disagree on batch size or number of queries"
+        )
+    if len(targets) != logits.shape[0]:
+        raise ValueError(f"got {len(targets)} targets for a batch of {logits.shape[0]} images")
+    return logits, pred_boxes
 
 
 def _to_detr_indices(matched, num_images, num_groups, queries_per_group, sizes, to_cpu,

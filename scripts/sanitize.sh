@@ -57,7 +57,7 @@ assert group_detr.__file__.startswith(here) and ext.__file__.startswith(here), e
 print("sanitized extension:", ext.__file__, "| backends:", group_detr.backends())
 EOF
 if [ "$#" -eq 0 ]; then
-  set -- tests/test_assignment.py tests/test_matcher.py tests/test_match_cost.py \
+  set -- tests/test_assignment.py tests/test_matcher.py tests/test_match_cost.py tests/test_group_match.py \
     tests/test_fuzz_lsa.py
 fi
 nice -n 10 "$PY" -m pytest -q -p no:cacheprovider --hypothesis-show-statistics "$@"

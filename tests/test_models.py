@@ -230,22 +230,21 @@ def test_criterion_losses_have_all_layers_and_are_finite():
     assert criterion.weight_dict["loss_bbox_1"] == 5.0 and criterion.weight_dict["loss_giou"] == 2.0
 
 
-def test_criterion_matches_all_layers_in_one_solver_call(monkeypatch):
-    import group_detr.matcher as matcher_module
-
-    calls = []
-    original = matcher_module.linear_sum_assignment
-
-    def counting(cost, *args, **kwargs):
-        calls.append(tuple(cost.shape))
-        return original(cost, *args, **kwargs)
-
-    monkeypatch.setattr(matcher_module, "linear_sum_assignment", counting)
+def test_criterion_matches_all_layers_in_one_matcher_call(monkeypatch):
     model, criterion = tiny_model(num_groups=3, dec_layers=3), tiny_criterion(dec_layers=3)
+    calls = []
+    forward = criterion.matcher.forward
+
+    def counting(outputs, targets, **kwargs):
+        calls.append((tuple(outputs["pred_logits"].shape[:2]), len(targets), kwargs))
+        return forward(outputs, targets, **kwargs)
+
+    monkeypatch.setattr(criterion.matcher, "forward", counting)
     images, mask, targets = batch()
     criterion(model(images, mask), targets)
-    # 3 layers x 2 images x 3 groups problems of 5 queries x 2 (padded) targets
-    assert calls == [(18, 5, 2)]
+    # 3 layers x 2 images stacked as 6 images of 3 groups x 5 queries: one call, so one solver
+    # call (GroupMatcher solves all B*K problems of a call at once)
+    assert calls == [((6, 15), 6, {"num_groups": 3})]
 
 
 def test_criterion_is_normalised_by_num_boxes_times_groups():

@@ -46,13 +46,13 @@ class HostReads(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def training_step(device, validate):
+def training_step(device, validate, **matcher_options):
     """Model, criterion (matcher with `validate`, indices kept on the device) and one batch."""
     torch.manual_seed(0)
     model = build_group_detr(NUM_CLASSES, num_groups=NUM_GROUPS, num_queries=QUERIES, backbone="small",
                              hidden_dim=32, nheads=4, enc_layers=1, dec_layers=DEC_LAYERS,
                              dim_feedforward=64, dropout=0.0, small_widths=(8, 16, 16, 32)).to(device).train()
-    matcher = GroupMatcher(num_groups=NUM_GROUPS, return_device=True, validate=validate)
+    matcher = GroupMatcher(num_groups=NUM_GROUPS, return_device=True, validate=validate, **matcher_options)
     criterion = SetCriterion(NUM_CLASSES, matcher, default_weight_dict(DEC_LAYERS), queries_per_group=QUERIES)
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(2, 3, 64, 64, generator=generator).to(device)
@@ -100,8 +100,9 @@ def test_cpu_step_reads_nothing_on_the_host_inside_criterion_and_matcher():
 
 
 def test_the_counter_sees_validation():
-    """validate=True checks the targets' values once, in the matcher: the counter must see it."""
-    step = training_step("cpu", validate=True)
+    """validate=True checks the targets' values once, in the matcher: the counter must see it
+    (in Python, as on CUDA: the torch cost; the CPU's one-pass op checks them in C++)."""
+    step = training_step("cpu", validate=True, cost_backend="torch")
     reads = HostReads()
     step(reads)
     functions = {function for (_, function, _) in reads.counts}

@@ -18,6 +18,17 @@ TORCH_LIBRARY(group_detr, m) {
       "match_cost(Tensor logits, Tensor pred_boxes, Tensor labels, Tensor target_boxes, "
       "float cost_class, float cost_bbox, float cost_giou, str class_cost, float focal_alpha, "
       "float focal_gamma, int[]? num_targets=None) -> Tensor");
+  // GroupMatcher's CPU path in one op (csrc/cost/group_match_cpu.cpp): the cost of every
+  // (image, group) problem and its assignment, from logits (B, K*N, C), boxes (B, K*N, 4) and
+  // the concatenated targets, labels (S,) int64 and boxes (S, 4), S = sum(num_targets).
+  // Returns DETR's pairs of all images, concatenated (image b's K * min(N, M_b) pairs in
+  // ascending query order): query_idx (P,), target_idx (P,) int64, and the status (B*K,) int32
+  // of each problem b*K + g (solver.h: Status).
+  m.def(
+      "group_match(Tensor logits, Tensor pred_boxes, Tensor labels, Tensor target_boxes, "
+      "int[] num_targets, int num_groups, float cost_class, float cost_bbox, float cost_giou, "
+      "str class_cost, float focal_alpha, float focal_gamma, bool validate) "
+      "-> (Tensor, Tensor, Tensor)");
 }
 
 // Importing group_detr._C runs the static registrations above; the module itself is empty.

@@ -1,0 +1,270 @@
+// CPU implementation of group_detr::group_match: GroupMatcher's whole CPU path in one pass, from
+// the logits, predicted boxes and the concatenated targets to DETR's sorted index pairs.
+//
+// Each problem (image b, group g) is one task: its cost (the fused cost's block kernel, 8 queries
+// per vector) goes into a per-thread tile laid out with the targets as rows, which is the
+// solver's own layout for N > M, and is solved there while it is still in the cache; no
+// (B, Q, M_max) tensor, its zero padding or a second pass over it. The numbers are those of the
+// two-step path (match_cost, then batched_lsa): the same operations per cost entry, the same
+// solver, so the same assignments, bit for bit (tests/test_group_match.py).
+// The reference is GroupMatcher with cost_backend="torch" (group_detr/matcher.py).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "cost/cost_blocks.h"
+#include "lsa/cpu_solver.h"
+
+namespace group_detr {
+namespace {
+
+using cost::kMaxWidth;
+using lsa::Status;
+
+void check_inputs(const at::Tensor& logits, const at::Tensor& pred_boxes,
+                  const at::Tensor& labels, const at::Tensor& target_boxes,
+                  c10::IntArrayRef num_targets, int64_t num_groups, const std::string& class_cost) {
+  TORCH_CHECK_VALUE(logits.dim() == 3, "group_match: logits must be (B, Q, C), got ",
+                    logits.sizes());
+  const int64_t num_images = logits.size(0), num_queries = logits.size(1);
+  TORCH_CHECK_VALUE(pred_boxes.dim() == 3 && pred_boxes.size(0) == num_images &&
+                        pred_boxes.size(1) == num_queries && pred_boxes.size(2) == 4,
+                    "group_match: pred_boxes must be (B, Q, 4) = (", num_images, ", ",
+                    num_queries, ", 4), got ", pred_boxes.sizes());
+  TORCH_CHECK_VALUE(static_cast<int64_t>(num_targets.size()) == num_images,
+                    "group_match: num_targets must have B = ", num_images, " entries, got ",
+                    num_targets.size());
+  int64_t total = 0;
+  for (const int64_t m : num_targets) {
+    TORCH_CHECK_VALUE(m >= 0, "group_match: num_targets must be >= 0, got ", num_targets);
+    total += m;
+  }
+  TORCH_CHECK_VALUE(labels.dim() == 1 && labels.size(0) == total,
+                    "group_match: labels must be (sum num_targets,) = (", total, ",), got ",
+                    labels.sizes());
+  TORCH_CHECK_VALUE(target_boxes.dim() == 2 && target_boxes.size(0) == total &&
+                        target_boxes.size(1) == 4,
+                    "group_match: target_boxes must be (sum num_targets, 4) = (", total,
+                    ", 4), got ", target_boxes.sizes());
+  for (const at::Tensor* t : {&logits, &pred_boxes, &target_boxes}) {
+    const auto dtype = t->scalar_type();
+    TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+                         dtype == at::kBFloat16,
+                     "group_match: logits and boxes must be float16, bfloat16, float32 or "
+                     "float64, got ", dtype);
+  }
+  TORCH_CHECK_TYPE(labels.scalar_type() == at::kLong, "group_match: labels must be int64, got ",
+                   labels.scalar_type());
+  TORCH_CHECK_VALUE(class_cost == "focal" || class_cost == "softmax",
+                    "group_match: class_cost must be 'focal' or 'softmax', got '", class_cost,
+                    "'");
+  TORCH_CHECK_VALUE(num_groups >= 1 && num_queries % num_groups == 0,
+                    "group_match: the number of queries K*N = ", num_queries,
+                    " is not divisible by num_groups ", num_groups);
+  TORCH_CHECK_VALUE(logits.size(2) > 0 || total == 0 || num_queries == 0,
+                    "group_match: logits have no classes but there are targets");
+  for (const at::Tensor* t : {&logits, &pred_boxes, &labels, &target_boxes}) {
+    TORCH_CHECK_VALUE(t->device().is_cpu(), "group_match (CPU): every tensor must be on the CPU");
+  }
+}
+
+// check_boxes' rule and messages (group_detr/box_ops.py), on the concatenated target boxes.
+template <typename box_t>
+void check_target_boxes(const at::Tensor& boxes) {
+  const auto box = boxes.accessor<box_t, 2>();
+  const int64_t count = boxes.size(0);
+  for (int64_t i = 0; i < count; ++i) {
+    for (int k = 0; k < 4; ++k) {
+      TORCH_CHECK_VALUE(std::isfinite(static_cast<double>(box[i][k])),
+                        "target boxes contain NaN or infinite values");
+    }
+  }
+  for (int64_t i = 0; i < count; ++i) {
+    TORCH_CHECK_VALUE(!(static_cast<double>(box[i][2]) < 0 || static_cast<double>(box[i][3]) < 0),
+                      "target boxes contain a box with negative width or height (degenerate box)");
+  }
+}
+
+// validate=False's rule (group_detr/assignment.py:sanitize_cost) on one problem's float32 tile
+// of `rows` targets x `cols` queries (row stride `stride`), with the same float32 operations in
+// the same order: every non-finite entry becomes R = hi + (pairs + 1) * (hi - lo) + magnitude.
+void sanitize_tile(float* tile, int64_t rows, int64_t cols, int64_t stride, int64_t pairs) {
+  const float inf = std::numeric_limits<float>::infinity();
+  float hi = -inf, lo = inf;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) {
+      const float x = tile[r * stride + c];
+      if (std::isfinite(x)) {
+        hi = std::max(hi, x);
+        lo = std::min(lo, x);
+      }
+    }
+  }
+  if (!std::isfinite(hi)) hi = lo = 0.0f;
+  const float magnitude = std::max(std::max(std::fabs(hi), std::fabs(lo)), 1.0f);
+  float replacement = hi + (static_cast<float>(pairs) + 1.0f) * (hi - lo);
+  replacement = replacement + magnitude;
+  replacement = std::min(replacement, std::numeric_limits<float>::max());
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) {
+      float& x = tile[r * stride + c];
+      if (!std::isfinite(x)) x = replacement;
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_match_cpu(
+    const at::Tensor& logits, const at::Tensor& pred_boxes, const at::Tensor& labels,
+    const at::Tensor& target_boxes, c10::IntArrayRef num_targets, int64_t num_groups,
+    double cost_class, double cost_bbox, double cost_giou, c10::string_view class_cost_view,
+    double focal_alpha, double focal_gamma, bool validate) {
+  const std::string class_cost(class_cost_view.data(), class_cost_view.size());
+  check_inputs(logits, pred_boxes, labels, target_boxes, num_targets, num_groups, class_cost);
+  const int64_t num_images = logits.size(0), num_queries = logits.size(1);
+  const int64_t num_classes = logits.size(2);
+  const int64_t per_group = num_queries / num_groups;  // N
+  const int64_t num_problems = num_images * num_groups;
+
+  // Image b's pairs start at pair_start[b]: K * min(N, M_b) per image, group after group.
+  std::vector<int64_t> valid(num_targets.begin(), num_targets.end());
+  std::vector<int64_t> first_target(num_images + 1, 0), pair_start(num_images + 1, 0);
+  int64_t max_targets = 0;
+  for (int64_t b = 0; b < num_images; ++b) {
+    first_target[b + 1] = first_target[b] + valid[b];
+    pair_start[b + 1] = pair_start[b] + num_groups * std::min(per_group, valid[b]);
+    max_targets = std::max(max_targets, valid[b]);
+  }
+  const auto long_options = logits.options().dtype(at::kLong);
+  at::Tensor query_idx = at::empty({pair_start[num_images]}, long_options);
+  at::Tensor target_idx = at::empty({pair_start[num_images]}, long_options);
+  at::Tensor status = at::zeros({num_problems}, logits.options().dtype(at::kInt));
+  if (pair_start[num_images] == 0) return {query_idx, target_idx, status};
+
+  // The targets in float32 as the reference's `tgt_boxes.to(pred_boxes.float().dtype)`;
+  // labels first, then boxes, in check_targets' order.
+  const at::Tensor labels_c = labels.contiguous();
+  const int64_t* label_data = labels_c.const_data_ptr<int64_t>();
+  cost::PackedTargets targets;
+  cost::BadLabel bad;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, target_boxes.scalar_type(),
+                                  "group_match_targets", [&] {
+    const auto box = target_boxes.accessor<scalar_t, 2>();
+    targets = cost::pack_targets(
+        num_images, std::max<int64_t>(max_targets, 1), valid, num_classes,
+        /*clamp_labels=*/!validate,
+        [&](int64_t b, int64_t m) { return label_data[first_target[b] + m]; },
+        [&](int64_t b, int64_t m, float* out4) {
+          for (int k = 0; k < 4; ++k) out4[k] = static_cast<float>(box[first_target[b] + m][k]);
+        },
+        &bad);
+    TORCH_CHECK_VALUE(!bad.found, "target ", bad.image, " has class id ", bad.label,
+                      " outside [0, ", num_classes, "): the data has more classes than the "
+                      "model was built for (num_classes=", num_classes, ")");
+    if (validate) check_target_boxes<scalar_t>(target_boxes);
+  });
+
+  const cost::CostParams params = cost::make_params(cost_class, cost_bbox, cost_giou, class_cost,
+                                                    focal_alpha, focal_gamma);
+  const bool avx2 = cost::use_avx2();
+  const int64_t classes_padded = cost::round_up(std::max<int64_t>(num_classes, 1), kMaxWidth);
+  const int64_t row_stride = cost::round_up(per_group, kMaxWidth);  // the tile's, per target
+  const int64_t max_rows = std::min(per_group, max_targets);
+  const int64_t max_cols = std::max(per_group, max_targets);
+
+  // Largest problems first, handed out one at a time, so the threads finish together.
+  std::vector<int64_t> order(num_problems);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+    return valid[a / num_groups] > valid[b / num_groups];
+  });
+  std::atomic<int64_t> next{0};
+  int64_t* query_out = query_idx.data_ptr<int64_t>();
+  int64_t* target_out = target_idx.data_ptr<int64_t>();
+  int32_t* problem_status = status.data_ptr<int32_t>();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
+                                  "group_match_logits", [&] {
+    using logit_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred_boxes.scalar_type(),
+                                    "group_match_boxes", [&] {
+      const cost::Predictions<logit_t, scalar_t> pred{
+          logits.const_data_ptr<logit_t>(), logits.stride(0), logits.stride(1), logits.stride(2),
+          pred_boxes.const_data_ptr<scalar_t>(), pred_boxes.stride(0), pred_boxes.stride(1),
+          pred_boxes.stride(2), num_queries, num_classes, classes_padded};
+      const cpu::DispatchedScan scan;
+      const int64_t num_workers = std::min<int64_t>(at::get_num_threads(), num_problems);
+      at::parallel_for(0, num_workers, 1, [&](int64_t begin, int64_t end) {
+        cpu::ThreadWorkspace& workspace = cpu::ThreadWorkspace::local();
+        workspace.reserve(max_rows, max_cols);
+        cost::BlockScratch scratch(targets.max_unique, classes_padded, params.softmax);
+        std::vector<float> tile(max_targets * row_stride);
+        std::vector<int64_t> matched(max_targets);
+        std::vector<int32_t> target_of_query(per_group, -1);
+        for (int64_t w = begin; w < end; ++w) {
+          for (int64_t k = next.fetch_add(1); k < num_problems; k = next.fetch_add(1)) {
+            const int64_t p = order[k], b = p / num_groups, g = p % num_groups;
+            const int64_t count = valid[b];
+            if (count == 0 || per_group == 0) continue;
+            const int64_t q_begin = g * per_group;
+            for (int64_t q0 = 0; q0 < per_group; q0 += kMaxWidth) {
+              cost::block_cost(params, avx2, pred, targets, b, q_begin + q0,
+                               std::min<int64_t>(kMaxWidth, per_group - q0), count, scratch,
+                               tile.data() + q0, row_stride);
+            }
+            // The tile as the solver's (queries x targets) cost: query q, target m at
+            // tile[m * row_stride + q].
+            Status solved = cpu::solve_one(tile.data(), 1, row_stride, per_group, count, count,
+                                           scan, workspace, matched.data());
+            if (!validate && (solved == lsa::kInvalidEntry || solved == lsa::kInfeasible)) {
+              sanitize_tile(tile.data(), count, per_group, row_stride,
+                            std::min(per_group, count));
+              solved = cpu::solve_one(tile.data(), 1, row_stride, per_group, count, count, scan,
+                                      workspace, matched.data());
+            }
+            problem_status[p] = solved;
+            // DETR's order: ascending query, so group g's pairs follow group g - 1's.
+            int64_t at = pair_start[b] + g * std::min(per_group, count);
+            if (solved != lsa::kOk) {  // the caller raises; keep the indices in range anyway
+              const int64_t pairs = std::min(per_group, count);
+              std::fill(query_out + at, query_out + at + pairs, q_begin);
+              std::fill(target_out + at, target_out + at + pairs, int64_t(0));
+              continue;
+            }
+            for (int64_t m = 0; m < count; ++m) {
+              if (matched[m] >= 0) target_of_query[matched[m]] = static_cast<int32_t>(m);
+            }
+            for (int64_t q = 0; q < per_group; ++q) {
+              if (target_of_query[q] < 0) continue;
+              query_out[at] = q_begin + q;
+              target_out[at] = target_of_query[q];
+              target_of_query[q] = -1;
+              ++at;
+            }
+          }
+        }
+        workspace.shrink_to(int64_t(64) << 20);
+      });
+    });
+  });
+  return {query_idx, target_idx, status};
+}
+
+}  // namespace
+}  // namespace group_detr
+
+TORCH_LIBRARY_IMPL(group_detr, CPU, m) {
+  m.impl("group_match", &group_detr::group_match_cpu);
+}
