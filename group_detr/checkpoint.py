@@ -1,22 +1,29 @@
-"""Training checkpoints: atomic save, safe load (weights_only=True), model-configuration check.
+"""Training checkpoints: atomic save, safe load (weights_only=True), configuration checks.
 
 A checkpoint is a plain dict: `format` (CHECKPOINT_FORMAT), `model`, `optimizer`, `lr_scheduler`
 state dicts, `epoch` (epochs finished), `config` (`config_to_dict`), `num_classes` and
 `class_names`, so it loads with `torch.load(weights_only=True)` and never runs foreign code.
 """
 import contextlib
+import dataclasses
 import os
 from typing import Dict
 
 import torch
 
-from group_detr.config import TrainConfig, config_to_dict
+from group_detr.config import TrainConfig, config_from_dict, config_to_dict
 
 CHECKPOINT_FORMAT = "group-detr-checkpoint-v1"
 CHECKPOINT_NAME = "checkpoint.pth"
 # Fields that fix the model's parameters: a checkpoint only loads into the same values.
 MODEL_FIELDS = ("backbone", "small_widths", "small_norm", "hidden_dim", "nheads", "enc_layers", "dec_layers",
                 "dim_feedforward", "num_queries", "num_groups")
+# Fields a resumed run may change: where the files are, how it runs and reports, and `epochs`
+# (extending a run; the lr drop then moves with it). Every other field decides what the run
+# learns, so resuming with another value would silently mix two runs.
+RESUMABLE_FIELDS = ("data_dir", "val_split", "eval_size", "max_val_images", "output_dir", "device",
+                    "num_workers", "num_threads", "eval_every", "print_freq", "num_vis_images", "resume",
+                    "epochs", "backbone_weights")
 
 
 def save_checkpoint(state: Dict, path: str) -> None:
@@ -62,3 +69,19 @@ def check_checkpoint_matches(checkpoint: Dict, config: TrainConfig, num_classes:
         differences.append(f"num_classes: checkpoint {checkpoint.get('num_classes')!r}, this run {num_classes!r}")
     if differences:
         raise ValueError(f"{path} was saved with another model configuration: " + "; ".join(differences))
+
+
+def check_resume_matches(checkpoint: Dict, config: TrainConfig, num_classes: int, path: str = "checkpoint") -> None:
+    """check_checkpoint_matches, and a ValueError naming every training setting (data, loss,
+    matching, optimisation, seed) that differs: resuming continues the same run only.
+
+    Fields a checkpoint from an older version lacks compare as their defaults."""
+    check_checkpoint_matches(checkpoint, config, num_classes, path)
+    saved, current = config_to_dict(config_from_dict(checkpoint["config"])), config_to_dict(config)
+    skip = set(MODEL_FIELDS) | set(RESUMABLE_FIELDS)
+    differences = [f"{f.name}: checkpoint {saved[f.name]!r}, this run {current[f.name]!r}"
+                   for f in dataclasses.fields(TrainConfig) if f.name not in skip and saved[f.name] != current[f.name]]
+    if differences:
+        raise ValueError(f"{path} was saved by a run with other training settings: " + "; ".join(differences)
+                         + ". Resuming continues the same run only: start afresh with --no-resume or another "
+                           "--output-dir")

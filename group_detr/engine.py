@@ -26,8 +26,8 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
 from group_detr import distributed
-from group_detr.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_NAME, check_checkpoint_matches, load_checkpoint,
-                                   save_checkpoint)
+from group_detr.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_NAME, check_checkpoint_matches, check_resume_matches,
+                                   load_checkpoint, save_checkpoint)
 from group_detr.config import TrainConfig, config_from_dict, config_to_dict
 from group_detr.data.coco import CocoDetection, build_coco_dataset, collate_fn
 from group_detr.data.transforms import make_detr_transforms
@@ -281,12 +281,16 @@ def _build_run(config: TrainConfig, info: distributed.DistInfo, log: Callable[[s
     checkpoint_path = run.checkpoint_path
     if config.resume and os.path.isfile(checkpoint_path):
         checkpoint = load_checkpoint(checkpoint_path)
-        check_checkpoint_matches(checkpoint, config, num_classes, checkpoint_path)
+        check_resume_matches(checkpoint, config, num_classes, checkpoint_path)
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
         run.start_epoch = checkpoint["epoch"]
         log(f"resumed from {checkpoint_path} after epoch {run.start_epoch}")
+        saved_epochs = checkpoint["config"].get("epochs")
+        if saved_epochs != config.epochs:
+            log(f"note: that run was set for {saved_epochs} epochs, this one for {config.epochs}: the lr drop "
+                f"is now at step {config.lr_drop_step(len(train_loader))}")
     return run
 
 

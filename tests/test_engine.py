@@ -108,6 +108,32 @@ def test_checkpoint_from_another_configuration(trained, tmp_path):
 
 
 @requires_pycocotools
+def test_resume_refuses_other_training_settings(trained, tmp_path):
+    """A demo re-run after its defaults changed (loss, lr, ...) must not continue the old run."""
+    config, result, _ = trained
+    run_dir = tmp_path / "settings"
+    run_dir.mkdir()
+    save_checkpoint(load_checkpoint(result["checkpoint"]), str(run_dir / "checkpoint.pth"))
+    other = dataclasses.replace(config, output_dir=str(run_dir), focal_alpha=0.5, lr=3e-4, resume=True)
+    with pytest.raises(ValueError, match=r"other training settings: focal_alpha: checkpoint 0.25, this run 0.5; "
+                                         r"lr: checkpoint 0.001, this run 0.0003\. Resuming continues the same "
+                                         r"run only: start afresh with --no-resume"):
+        train(other, log=lambda _: None)
+
+
+@requires_pycocotools
+def test_resume_with_more_epochs_says_where_the_lr_drop_moves(trained, tmp_path):
+    config, result, _ = trained
+    run_dir = tmp_path / "longer"
+    run_dir.mkdir()
+    save_checkpoint(load_checkpoint(result["checkpoint"]), str(run_dir / "checkpoint.pth"))
+    lines = []
+    train(dataclasses.replace(config, output_dir=str(run_dir), epochs=4, resume=True, eval_every=4), log=lines.append)
+    assert any(line.startswith("note: that run was set for 2 epochs, this one for 4: the lr drop is now at step")
+               for line in lines), lines
+
+
+@requires_pycocotools
 def test_checkpoint_for_another_number_of_classes(trained, tmp_path):
     _, result, _ = trained
     write_synthetic_dataset(str(tmp_path), num_train=1, num_val=1, image_size=48)
