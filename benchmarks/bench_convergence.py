@@ -22,7 +22,7 @@ positions. Writes
         --set backbone_weights=runs/pretrain-backbone/checkpoint.pth lr_backbone=1e-5 \
         --out benchmarks/results/convergence-cpu-2core-pretrained-backbone.json
 
-The model and schedule are the demo's (`group_detr.config.demo_config`: 4 epochs of the easy
+The model and schedule are the demo's (`group_detr.config.demo_config`: its epochs of the easy
 synthetic preset, written to data/synthetic-<preset> when missing, the lr drop at 11/12); only K
 and the seed change between runs. Each run has one intra-op thread and loads its data in its own
 process (no worker), and `--jobs` (default: one per core) runs that many at once, largest K
