@@ -80,13 +80,17 @@ def test_checkpoint_loads_with_weights_only(trained):
     assert checkpoint["num_classes"] == 5 and checkpoint["config"]["num_groups"] == 3
 
 
+def _copy_of_run(result, run_dir):
+    """A fresh output directory holding the finished tiny run's checkpoint, to resume from."""
+    run_dir.mkdir()
+    save_checkpoint(load_checkpoint(result["checkpoint"]), str(run_dir / "checkpoint.pth"))
+    return run_dir
+
+
 @requires_pycocotools
 def test_resume_continues_after_the_saved_epoch(trained, tmp_path):
     config, result, _ = trained
-    run_dir = tmp_path / "resumed"
-    run_dir.mkdir()
-    checkpoint = load_checkpoint(result["checkpoint"])
-    save_checkpoint(checkpoint, str(run_dir / "checkpoint.pth"))
+    run_dir = _copy_of_run(result, tmp_path / "resumed")
     lines = []
     train(dataclasses.replace(config, output_dir=str(run_dir), epochs=3, resume=True), log=lines.append)
     assert "resumed from" in lines[0] and "after epoch 2" in lines[0]
@@ -98,9 +102,7 @@ def test_resume_continues_after_the_saved_epoch(trained, tmp_path):
 @requires_pycocotools
 def test_checkpoint_from_another_configuration(trained, tmp_path):
     config, result, _ = trained
-    run_dir = tmp_path / "other"
-    run_dir.mkdir()
-    save_checkpoint(load_checkpoint(result["checkpoint"]), str(run_dir / "checkpoint.pth"))
+    run_dir = _copy_of_run(result, tmp_path / "other")
     other = dataclasses.replace(config, output_dir=str(run_dir), num_groups=5, hidden_dim=64, resume=True)
     with pytest.raises(ValueError, match=r"another model configuration: hidden_dim: checkpoint 32, this run 64; "
                                          r"num_groups: checkpoint 3, this run 5"):
@@ -111,9 +113,7 @@ def test_checkpoint_from_another_configuration(trained, tmp_path):
 def test_resume_refuses_other_training_settings(trained, tmp_path):
     """A demo re-run after its defaults changed (loss, lr, ...) must not continue the old run."""
     config, result, _ = trained
-    run_dir = tmp_path / "settings"
-    run_dir.mkdir()
-    save_checkpoint(load_checkpoint(result["checkpoint"]), str(run_dir / "checkpoint.pth"))
+    run_dir = _copy_of_run(result, tmp_path / "settings")
     other = dataclasses.replace(config, output_dir=str(run_dir), focal_alpha=0.5, lr=3e-4, resume=True)
     with pytest.raises(ValueError, match=r"other training settings: focal_alpha: checkpoint 0.25, this run 0.5; "
                                          r"lr: checkpoint 0.001, this run 0.0003\. Resuming continues the same "
@@ -124,9 +124,7 @@ def test_resume_refuses_other_training_settings(trained, tmp_path):
 @requires_pycocotools
 def test_resume_with_more_epochs_says_where_the_lr_drop_moves(trained, tmp_path):
     config, result, _ = trained
-    run_dir = tmp_path / "longer"
-    run_dir.mkdir()
-    save_checkpoint(load_checkpoint(result["checkpoint"]), str(run_dir / "checkpoint.pth"))
+    run_dir = _copy_of_run(result, tmp_path / "longer")
     lines = []
     train(dataclasses.replace(config, output_dir=str(run_dir), epochs=4, resume=True, eval_every=4), log=lines.append)
     assert any(line.startswith("note: that run was set for 2 epochs, this one for 4: the lr drop is now at step")
