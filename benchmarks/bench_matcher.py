@@ -335,6 +335,7 @@ def main(argv=None):
         "cpu_count": os.cpu_count(),
         "backends": group_detr.backends(),
         "cpu_scan": _ext.lsa_cpu_scan(),
+        "cost_isa": _ext.match_cost_isa(),
         "workloads": {},
     }
     try:
@@ -354,7 +355,8 @@ def main(argv=None):
                                                  args.warmup, args.threads)
     report["load_average_after"] = list(os.getloadavg())
     print_table(report)
-    print(f"\nload average before / after: {report['load_average']} / "
+    print(f"\nsolver scan {report['cpu_scan']}, cost kernel {report['cost_isa']} "
+          f"({report['device_name']}); load average before / after: {report['load_average']} / "
           f"{report['load_average_after']}")
     if not args.quick:
         common.write_results(report, args.out or common.results_path("matcher", report["machine"]))

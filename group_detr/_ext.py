@@ -66,6 +66,13 @@ def lsa_cpu_scan() -> str:
     return torch.ops.group_detr.cpu_scan_level() if has_lsa_cpu() else ""
 
 
+def match_cost_isa() -> str:
+    """The build of the fused cost kernel that runs here: "avx512", "avx2", "portable", or ""
+    without it. GROUP_DETR_CPU_SCAN=avx2 or =portable caps it (read at every call)."""
+    has_level = has_match_cost_cpu() and hasattr(torch.ops.group_detr, "cost_isa_level")
+    return torch.ops.group_detr.cost_isa_level() if has_level else ""
+
+
 def has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
 

@@ -6,7 +6,7 @@ one of two backends:
 - "torch": the reference, torch ops (any device, float32). It reads only the logits at the
   target classes, so the transcendental functions run on B*Q*M entries instead of B*Q*C.
 - "fused": the extension's `group_detr::match_cost` op (csrc/cost, CPU): one pass from the
-  inputs to the cost, 8 queries per AVX2 vector where the CPU has it, the class term once per
+  inputs to the cost, 16 queries per block (AVX-512 or AVX2 where the CPU has it), the class term once per
   (query, distinct target class), blocks of queries over the intra-op threads, no temporaries.
   It agrees with the reference to a few float32 ulp (its exp/log are not torch's), not bitwise.
 

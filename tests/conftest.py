@@ -1,3 +1,4 @@
+import contextlib
 import os
 import sys
 
@@ -30,3 +31,30 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# The builds of the CPU kernels (fused cost, solver scan), by the GROUP_DETR_CPU_SCAN cap that
+# selects each: "best" is whatever this CPU runs best (AVX-512, AVX2 or portable).
+CPU_BUILDS = ("best", "avx2", "portable")
+
+
+@contextlib.contextmanager
+def cpu_build(build: str):
+    """Run the CPU kernels of one of CPU_BUILDS inside the block (an environment variable the
+    extension reads at every call)."""
+    previous = os.environ.pop("GROUP_DETR_CPU_SCAN", None)
+    if build != "best":
+        os.environ["GROUP_DETR_CPU_SCAN"] = build
+    try:
+        yield
+    finally:
+        os.environ.pop("GROUP_DETR_CPU_SCAN", None)
+        if previous is not None:
+            os.environ["GROUP_DETR_CPU_SCAN"] = previous
+
+
+@pytest.fixture(params=CPU_BUILDS)
+def each_cpu_build(request):
+    """Run a test once with each build of the CPU kernels."""
+    with cpu_build(request.param):
+        yield request.param

@@ -11,6 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+from conftest import CPU_BUILDS, cpu_build
 from group_detr import GroupMatcher, _ext
 
 pytestmark = pytest.mark.skipif(not _ext.has_group_match_cpu(), reason="needs the built extension")
@@ -88,12 +89,14 @@ def test_one_pass_equals_two_steps_on_workloads(threads):
         torch.set_num_threads(previous)
 
 
-def test_portable_and_avx2_builds_agree(monkeypatch):
+def test_every_cpu_build_agrees():
     outputs, targets = random_batch(3, 3, 3, 17, 6, 9, torch.float32, False, None, 0.0)
     matcher = GroupMatcher(num_groups=3)
-    simd = outcome(lambda: matcher(outputs, targets))
-    monkeypatch.setenv("GROUP_DETR_CPU_SCAN", "portable")
-    assert outcome(lambda: matcher(outputs, targets)) == simd
+    outcomes = []
+    for build in CPU_BUILDS:
+        with cpu_build(build):
+            outcomes.append(outcome(lambda: matcher(outputs, targets)))
+    assert all(o == outcomes[0] for o in outcomes)
 
 
 def test_when_one_pass_is_used():

@@ -6,7 +6,8 @@ from hypothesis import given, settings, strategies as st
 from workloads import load_workloads, matcher_inputs
 
 import group_detr
-from group_detr import GroupMatcher, linear_sum_assignment
+from conftest import CPU_BUILDS, cpu_build
+from group_detr import GroupMatcher, _ext, linear_sum_assignment
 from group_detr.match_cost import match_cost, match_cost_torch
 
 pytestmark = pytest.mark.skipif(
@@ -17,16 +18,6 @@ WORKLOADS = load_workloads("matcher")
 # The op's exp/log are Cephes' (<= 2 ulp), torch's are Sleef's (<= 1 ulp): a few ulp of the
 # largest term (the focal cost's -log(1e-8) = 18.4 times its weight) apart.
 ATOL, RTOL = 2e-5, 1e-5
-
-
-@pytest.fixture(params=["avx2", "portable"])
-def simd(request, monkeypatch):
-    """Run a test with the AVX2 code (where the CPU has it) and with the portable code."""
-    if request.param == "portable":
-        monkeypatch.setenv("GROUP_DETR_CPU_SCAN", "portable")
-    else:
-        monkeypatch.delenv("GROUP_DETR_CPU_SCAN", raising=False)
-    return request.param
 
 
 def random_inputs(gen, batch, queries, classes, targets, scale=3.0):
@@ -70,30 +61,42 @@ def test_equals_reference_on_random_inputs(shape, seed, class_cost, dtype, weigh
         pred_boxes = torch.repeat_interleave(pred_boxes, 2, dim=1)[:, ::2]
     kwargs = dict(cost_class=weights[0], cost_bbox=weights[1], cost_giou=weights[2],
                   class_cost=class_cost, focal_alpha=focal[0], focal_gamma=focal[1])
-    for portable in (False, True):
-        with pytest.MonkeyPatch.context() as mp:
-            if portable:
-                mp.setenv("GROUP_DETR_CPU_SCAN", "portable")
+    for build in CPU_BUILDS:
+        with cpu_build(build):
             fused, reference = both(logits, pred_boxes, labels, tgt_boxes, **kwargs)
         assert fused.dtype == torch.float32 and fused.shape == (batch, queries, targets)
         torch.testing.assert_close(fused, reference, atol=ATOL, rtol=RTOL)
 
 
-def test_portable_and_avx2_agree_bitwise(monkeypatch):
-    """The two builds of the kernel run the same IEEE operations in the same order."""
+def test_every_build_gives_the_same_bits():
+    """The portable, AVX2 and AVX-512 builds of the kernel run the same IEEE operations in the
+    same order (blocks of 16 queries, 16 partial sums per softmax row at every width)."""
     gen = torch.Generator().manual_seed(0)
     inputs = random_inputs(gen, 2, 50, 91, 23, scale=8.0)
     for class_cost, gamma in (("focal", 2.0), ("focal", 1.5), ("softmax", 2.0)):
         kwargs = dict(class_cost=class_cost, focal_gamma=gamma)
-        avx2 = match_cost(*inputs, backend="fused", **kwargs)
-        monkeypatch.setenv("GROUP_DETR_CPU_SCAN", "portable")
-        portable = match_cost(*inputs, backend="fused", **kwargs)
-        monkeypatch.delenv("GROUP_DETR_CPU_SCAN")
-        assert torch.equal(avx2, portable)
+        costs = {}
+        for build in CPU_BUILDS:
+            with cpu_build(build):
+                costs[build] = match_cost(*inputs, backend="fused", **kwargs)
+        for build in CPU_BUILDS:
+            assert torch.equal(costs[build], costs["portable"]), (build, class_cost, gamma)
+
+
+def test_the_cap_selects_the_build():
+    """GROUP_DETR_CPU_SCAN picks the build that runs (else the bitwise test above could compare
+    a build with itself)."""
+    with cpu_build("best"):
+        best = _ext.match_cost_isa()
+    assert best in ("avx512", "avx2", "portable")
+    with cpu_build("portable"):
+        assert _ext.match_cost_isa() == "portable"
+    with cpu_build("avx2"):
+        assert _ext.match_cost_isa() == ("portable" if best == "portable" else "avx2")
 
 
 @pytest.mark.parametrize("class_cost", ["focal", "softmax"])
-def test_extreme_and_non_finite_logits(simd, class_cost):
+def test_extreme_and_non_finite_logits(each_cpu_build, class_cost):
     """Huge, infinite and NaN logits give the reference's values, infinities and NaNs."""
     gen = torch.Generator().manual_seed(1)
     logits, pred_boxes, labels, tgt_boxes = random_inputs(gen, 2, 40, 6, 9)
@@ -110,7 +113,7 @@ def test_extreme_and_non_finite_logits(simd, class_cost):
     torch.testing.assert_close(fused[finite], reference[finite], atol=ATOL, rtol=RTOL)
 
 
-def test_non_finite_boxes_give_nan_like_the_reference(simd):
+def test_non_finite_boxes_give_nan_like_the_reference(each_cpu_build):
     gen = torch.Generator().manual_seed(2)
     logits, pred_boxes, labels, tgt_boxes = random_inputs(gen, 1, 12, 5, 7)
     pred_boxes[0, 3, 0] = float("nan")
@@ -170,7 +173,7 @@ def test_assignment_on_workloads(name, class_cost):
 
 
 @pytest.mark.parametrize("class_cost", ["focal", "softmax"])
-def test_num_targets_computes_only_valid_columns(simd, class_cost):
+def test_num_targets_computes_only_valid_columns(each_cpu_build, class_cost):
     gen = torch.Generator().manual_seed(7)
     inputs = random_inputs(gen, 4, 30, 7, 19)
     sizes = [0, 19, 3, 8]

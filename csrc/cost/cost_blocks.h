@@ -5,6 +5,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -17,15 +18,48 @@
 namespace group_detr {
 namespace cost {
 
-inline bool use_avx2() {
+// The instruction sets the cost kernel has a build for, best last.
+enum class Isa { kPortable, kAvx2, kAvx512 };
+
+// The best build this CPU runs. GROUP_DETR_CPU_SCAN=portable or =avx2 caps it (tests compare the
+// builds; the solver reads the same variable).
+inline Isa cost_isa() {
 #ifdef GROUP_DETR_HAVE_AVX2_COST
-  // GROUP_DETR_CPU_SCAN=portable forces the portable code here as in the solver (tests).
-  const char* cap = std::getenv("GROUP_DETR_CPU_SCAN");
-  return !(cap != nullptr && std::string(cap) == "portable") && __builtin_cpu_supports("avx2") &&
-         __builtin_cpu_supports("fma");
+  const char* cap_env = std::getenv("GROUP_DETR_CPU_SCAN");
+  const std::string cap = cap_env != nullptr ? cap_env : "";
+  if (cap == "portable" || !__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) {
+    return Isa::kPortable;
+  }
+  if (cap == "avx2" || !__builtin_cpu_supports("avx512f")) return Isa::kAvx2;
+  return Isa::kAvx512;
 #else
-  return false;
+  return Isa::kPortable;
 #endif
+}
+
+inline const char* isa_name(Isa isa) {
+  return isa == Isa::kAvx512 ? "avx512" : isa == Isa::kAvx2 ? "avx2" : "portable";
+}
+
+// The checks both ops make alike, with `op` ("match_cost", "group_match") opening each message:
+// float logits and boxes, int64 labels, a known class cost, every tensor on the CPU.
+inline void check_dtypes_and_device(const char* op, const at::Tensor& logits,
+                                    const at::Tensor& pred_boxes, const at::Tensor& labels,
+                                    const at::Tensor& target_boxes, const std::string& class_cost) {
+  for (const at::Tensor* t : {&logits, &pred_boxes, &target_boxes}) {
+    const auto dtype = t->scalar_type();
+    TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+                         dtype == at::kBFloat16,
+                     op, ": logits and boxes must be float16, bfloat16, float32 or float64, got ",
+                     dtype);
+  }
+  TORCH_CHECK_TYPE(labels.scalar_type() == at::kLong, op, ": labels must be int64, got ",
+                   labels.scalar_type());
+  TORCH_CHECK_VALUE(class_cost == "focal" || class_cost == "softmax", op,
+                    ": class_cost must be 'focal' or 'softmax', got '", class_cost, "'");
+  for (const at::Tensor* t : {&logits, &pred_boxes, &labels, &target_boxes}) {
+    TORCH_CHECK_VALUE(t->device().is_cpu(), op, " (CPU): every tensor must be on the CPU");
+  }
 }
 
 inline int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
@@ -145,7 +179,7 @@ struct Predictions {
 // targets into tile[m * tile_stride + lane] for every lane of the block (lanes past `lanes`
 // hold a unit box and logit 0: finite, for the caller to ignore).
 template <typename logit_t, typename box_t>
-void block_cost(const CostParams& params, bool avx2, const Predictions<logit_t, box_t>& pred,
+void block_cost(const CostParams& params, Isa isa, const Predictions<logit_t, box_t>& pred,
                 PackedTargets& targets, int64_t b, int64_t q0, int64_t lanes, int64_t count,
                 BlockScratch& scratch, float* tile, int64_t tile_stride) {
   QueryBlock queries;
@@ -189,13 +223,12 @@ void block_cost(const CostParams& params, bool avx2, const Predictions<logit_t, 
       std::fill(row + pred.num_classes, row + pred.classes_padded,
                 -std::numeric_limits<float>::infinity());
       float sum;
+      switch (isa) {
 #ifdef GROUP_DETR_HAVE_AVX2_COST
-      if (avx2) {
-        sum = avx2::exp_shift_row(row, pred.classes_padded);
-      } else
+        case Isa::kAvx512: sum = avx512::exp_shift_row(row, pred.classes_padded); break;
+        case Isa::kAvx2: sum = avx2::exp_shift_row(row, pred.classes_padded); break;
 #endif
-      {
-        sum = portable::exp_shift_row(row, pred.classes_padded);
+        default: sum = portable::exp_shift_row(row, pred.classes_padded);
       }
       inv_sum[i] = 1.0f / sum;
       for (int64_t u = 0; u < num_unique; ++u) picked[u * kMaxWidth + i] = row[unique[u]];
@@ -207,15 +240,22 @@ void block_cost(const CostParams& params, bool avx2, const Predictions<logit_t, 
   }
   const TargetsSoA t = targets.view(b, count);
   const int32_t* unique_of = targets.unique_of.data() + b * targets.stride;
+  float* class_buf = scratch.class_buf.data();
+  switch (isa) {
 #ifdef GROUP_DETR_HAVE_AVX2_COST
-  if (avx2) {
-    avx2::cost_block(params, t, unique_of, num_unique, picked, inv_sum, queries,
-                     scratch.class_buf.data(), tile, tile_stride);
-    return;
-  }
+    case Isa::kAvx512:
+      avx512::cost_block(params, t, unique_of, num_unique, picked, inv_sum, queries, class_buf,
+                         tile, tile_stride);
+      return;
+    case Isa::kAvx2:
+      avx2::cost_block(params, t, unique_of, num_unique, picked, inv_sum, queries, class_buf, tile,
+                       tile_stride);
+      return;
 #endif
-  portable::cost_block(params, t, unique_of, num_unique, picked, inv_sum, queries,
-                       scratch.class_buf.data(), tile, tile_stride);
+    default:
+      portable::cost_block(params, t, unique_of, num_unique, picked, inv_sum, queries, class_buf,
+                           tile, tile_stride);
+  }
 }
 
 }  // namespace cost

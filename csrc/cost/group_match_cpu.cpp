@@ -1,8 +1,8 @@
 // CPU implementation of group_detr::group_match: GroupMatcher's whole CPU path in one pass, from
 // the logits, predicted boxes and the concatenated targets to DETR's sorted index pairs.
 //
-// Each problem (image b, group g) is one task: its cost (the fused cost's block kernel, 8 queries
-// per vector) goes into a per-thread tile laid out with the targets as rows, which is the
+// Each problem (image b, group g) is one task: its cost (the fused cost's block kernel, kMaxWidth
+// queries per block) goes into a per-thread tile laid out with the targets as rows, which is the
 // solver's own layout for N > M, and is solved there while it is still in the cache; no
 // (B, Q, M_max) tensor, its zero padding or a second pass over it. The numbers are those of the
 // two-step path (match_cost, then batched_lsa): the same operations per cost entry, the same
@@ -59,26 +59,13 @@ void check_inputs(const at::Tensor& logits, const at::Tensor& pred_boxes,
                         target_boxes.size(1) == 4,
                     "group_match: target_boxes must be (sum num_targets, 4) = (", total,
                     ", 4), got ", target_boxes.sizes());
-  for (const at::Tensor* t : {&logits, &pred_boxes, &target_boxes}) {
-    const auto dtype = t->scalar_type();
-    TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
-                         dtype == at::kBFloat16,
-                     "group_match: logits and boxes must be float16, bfloat16, float32 or "
-                     "float64, got ", dtype);
-  }
-  TORCH_CHECK_TYPE(labels.scalar_type() == at::kLong, "group_match: labels must be int64, got ",
-                   labels.scalar_type());
-  TORCH_CHECK_VALUE(class_cost == "focal" || class_cost == "softmax",
-                    "group_match: class_cost must be 'focal' or 'softmax', got '", class_cost,
-                    "'");
+  cost::check_dtypes_and_device("group_match", logits, pred_boxes, labels, target_boxes,
+                                class_cost);
   TORCH_CHECK_VALUE(num_groups >= 1 && num_queries % num_groups == 0,
                     "group_match: the number of queries K*N = ", num_queries,
                     " is not divisible by num_groups ", num_groups);
   TORCH_CHECK_VALUE(logits.size(2) > 0 || total == 0 || num_queries == 0,
                     "group_match: logits have no classes but there are targets");
-  for (const at::Tensor* t : {&logits, &pred_boxes, &labels, &target_boxes}) {
-    TORCH_CHECK_VALUE(t->device().is_cpu(), "group_match (CPU): every tensor must be on the CPU");
-  }
 }
 
 // check_boxes' rule and messages (group_detr/box_ops.py), on the concatenated target boxes.
@@ -178,7 +165,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_match_cpu(
 
   const cost::CostParams params = cost::make_params(cost_class, cost_bbox, cost_giou, class_cost,
                                                     focal_alpha, focal_gamma);
-  const bool avx2 = cost::use_avx2();
+  const cost::Isa isa = cost::cost_isa();
   const int64_t classes_padded = cost::round_up(std::max<int64_t>(num_classes, 1), kMaxWidth);
   const int64_t row_stride = cost::round_up(per_group, kMaxWidth);  // the tile's, per target
   const int64_t max_rows = std::min(per_group, max_targets);
@@ -220,7 +207,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_match_cpu(
             if (count == 0 || per_group == 0) continue;
             const int64_t q_begin = g * per_group;
             for (int64_t q0 = 0; q0 < per_group; q0 += kMaxWidth) {
-              cost::block_cost(params, avx2, pred, targets, b, q_begin + q0,
+              cost::block_cost(params, isa, pred, targets, b, q_begin + q0,
                                std::min<int64_t>(kMaxWidth, per_group - q0), count, scratch,
                                tile.data() + q0, row_stride);
             }

@@ -1,6 +1,6 @@
 // CPU implementation of group_detr::match_cost: DETR's matching cost (focal or softmax class
 // cost + L1 + GIoU) of every query against every valid target of its image, in one pass from
-// the logits, predicted boxes and padded targets. Queries go 8 to a vector (a block); blocks
+// the logits, predicted boxes and padded targets. Queries go kMaxWidth to a block; blocks
 // are spread over the intra-op thread pool.
 // The torch reference is group_detr/match_cost.py:match_cost_torch.
 #include <ATen/Dispatch.h>
@@ -39,23 +39,10 @@ void check_inputs(const at::Tensor& logits, const at::Tensor& pred_boxes,
                         target_boxes.size(1) == labels.size(1) && target_boxes.size(2) == 4,
                     "match_cost: target_boxes must be (B, M, 4) = (", num_images, ", ",
                     labels.size(1), ", 4), got ", target_boxes.sizes());
-  for (const at::Tensor* t : {&logits, &pred_boxes, &target_boxes}) {
-    const auto dtype = t->scalar_type();
-    TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
-                         dtype == at::kBFloat16,
-                     "match_cost: logits and boxes must be float16, bfloat16, float32 or "
-                     "float64, got ", dtype);
-  }
-  TORCH_CHECK_TYPE(labels.scalar_type() == at::kLong, "match_cost: labels must be int64, got ",
-                   labels.scalar_type());
-  TORCH_CHECK_VALUE(class_cost == "focal" || class_cost == "softmax",
-                    "match_cost: class_cost must be 'focal' or 'softmax', got '", class_cost,
-                    "'");
+  cost::check_dtypes_and_device("match_cost", logits, pred_boxes, labels, target_boxes,
+                                class_cost);
   TORCH_CHECK_VALUE(logits.size(2) > 0 || labels.size(1) == 0 || num_queries == 0,
                     "match_cost: logits have no classes but there are targets");
-  for (const at::Tensor* t : {&logits, &pred_boxes, &labels, &target_boxes}) {
-    TORCH_CHECK_VALUE(t->device().is_cpu(), "match_cost (CPU): every tensor must be on the CPU");
-  }
 }
 
 at::Tensor match_cost_cpu(const at::Tensor& logits, const at::Tensor& pred_boxes,
@@ -104,7 +91,7 @@ at::Tensor match_cost_cpu(const at::Tensor& logits, const at::Tensor& pred_boxes
 
   const cost::CostParams params = cost::make_params(cost_class, cost_bbox, cost_giou, class_cost,
                                                     focal_alpha, focal_gamma);
-  const bool avx2 = cost::use_avx2();
+  const cost::Isa isa = cost::cost_isa();
   const int64_t classes_padded = cost::round_up(std::max<int64_t>(num_classes, 1), kMaxWidth);
   const int64_t blocks_per_image = (num_queries + kMaxWidth - 1) / kMaxWidth;
   int64_t total_valid = 0;
@@ -120,8 +107,8 @@ at::Tensor match_cost_cpu(const at::Tensor& logits, const at::Tensor& pred_boxes
           logits.const_data_ptr<logit_t>(), logits.stride(0), logits.stride(1), logits.stride(2),
           pred_boxes.const_data_ptr<scalar_t>(), pred_boxes.stride(0), pred_boxes.stride(1),
           pred_boxes.stride(2), num_queries, num_classes, classes_padded};
-      // A task is blocks of 8 queries of one or more images: ~16K cost entries per task hide
-      // the scheduling and leave many tasks to balance.
+      // A task is blocks of kMaxWidth queries of one or more images: ~16K cost entries per task
+      // hide the scheduling and leave many tasks to balance.
       const int64_t mean_valid = std::max<int64_t>(1, total_valid / num_images);
       const int64_t grain = std::max<int64_t>(1, 16384 / (kMaxWidth * mean_valid));
       at::parallel_for(0, num_images * blocks_per_image, grain, [&](int64_t begin, int64_t end) {
@@ -137,7 +124,7 @@ at::Tensor match_cost_cpu(const at::Tensor& logits, const at::Tensor& pred_boxes
             std::fill(dst, dst + lanes * num_targets, 0.0f);
             continue;
           }
-          cost::block_cost(params, avx2, pred, targets, b, q0, lanes, count, scratch,
+          cost::block_cost(params, isa, pred, targets, b, q0, lanes, count, scratch,
                            tile.data(), kMaxWidth);
           for (int64_t i = 0; i < lanes; ++i) {
             float* out_row = dst + i * num_targets;
@@ -156,4 +143,11 @@ at::Tensor match_cost_cpu(const at::Tensor& logits, const at::Tensor& pred_boxes
 
 TORCH_LIBRARY_IMPL(group_detr, CPU, m) {
   m.impl("match_cost", &group_detr::match_cost_cpu);
+}
+
+// Which build of the cost kernel match_cost and group_match run here (after
+// GROUP_DETR_CPU_SCAN), for reports and tests.
+TORCH_LIBRARY_FRAGMENT(group_detr, m) {
+  m.def("cost_isa_level() -> str",
+        []() -> std::string { return group_detr::cost::isa_name(group_detr::cost::cost_isa()); });
 }

@@ -1,7 +1,7 @@
 // The fused matching cost without torch: per-image targets in structure-of-arrays form and the
-// block kernel (cost_row.inc) instantiated for plain floats and, on x86-64, for AVX2 + FMA (chosen
-// at run time, so one binary runs on any x86-64). match_cost_cpu.cpp wraps it as the op; keeping
-// it free of torch headers lets it be compiled and profiled on its own.
+// block kernel (cost_row.inc) instantiated for plain floats and, on x86-64, for AVX2 + FMA and
+// for AVX-512 (chosen at run time, so one binary runs on any x86-64). match_cost_cpu.cpp wraps
+// it as the op; keeping it free of torch headers lets it be compiled and profiled on its own.
 #pragma once
 
 #include <cmath>
@@ -25,7 +25,10 @@ struct CostParams {
   bool gamma_is_two;
 };
 
-constexpr int64_t kMaxWidth = 8;  // queries per block: one AVX2 vector, 8 scalar lanes
+// Queries per block: one AVX-512 vector, two AVX2 vectors, 16 scalar lanes. Every build works
+// on blocks of this width (and sums softmax rows in this many partial sums), which is what keeps
+// their results equal bit for bit.
+constexpr int64_t kMaxWidth = 16;
 
 // The targets of one image, `count` of each: cxcywh for the L1 term, xyxy corners and area for
 // GIoU, computed as box_ops computes them. Read one target at a time (broadcast to the lanes).
@@ -124,6 +127,53 @@ inline void split_exponent(V x, V* e, V* m) {
 }
 #include "cost/cost_row.inc"
 }  // namespace avx2
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,fma")
+// AVX-512 build: 16 floats per V, masks in mask registers; the same IEEE operations as above
+// (vminps/vmaxps keep minps' NaN rule), so the same bits.
+namespace avx512 {
+struct V {
+  __m512 v;
+};
+struct Mask {
+  __mmask16 m;
+};
+constexpr int kWidth = 16;
+inline V set1(float x) { return {_mm512_set1_ps(x)}; }
+inline V load(const float* p) { return {_mm512_loadu_ps(p)}; }
+inline void store(float* p, V x) { _mm512_storeu_ps(p, x.v); }
+inline V operator+(V a, V b) { return {_mm512_add_ps(a.v, b.v)}; }
+inline V operator-(V a, V b) { return {_mm512_sub_ps(a.v, b.v)}; }
+inline V operator*(V a, V b) { return {_mm512_mul_ps(a.v, b.v)}; }
+inline V operator/(V a, V b) { return {_mm512_div_ps(a.v, b.v)}; }
+inline V fmadd(V a, V b, V c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+inline V min_(V a, V b) { return {_mm512_min_ps(a.v, b.v)}; }
+inline V max_(V a, V b) { return {_mm512_max_ps(a.v, b.v)}; }
+inline V abs_(V a) { return {_mm512_abs_ps(a.v)}; }
+inline V floor_(V a) {
+  return {_mm512_roundscale_ps(a.v, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC)};
+}
+inline V select(Mask m, V a, V b) { return {_mm512_mask_blend_ps(m.m, b.v, a.v)}; }
+inline Mask lt(V a, V b) { return {_mm512_cmp_ps_mask(a.v, b.v, _CMP_LT_OQ)}; }
+inline Mask gt(V a, V b) { return {_mm512_cmp_ps_mask(a.v, b.v, _CMP_GT_OQ)}; }
+inline Mask eq(V a, V b) { return {_mm512_cmp_ps_mask(a.v, b.v, _CMP_EQ_OQ)}; }
+inline Mask is_nan(V a) { return {_mm512_cmp_ps_mask(a.v, a.v, _CMP_UNORD_Q)}; }
+inline V pow2n(V n) {
+  const __m512i bits = _mm512_slli_epi32(
+      _mm512_add_epi32(_mm512_cvttps_epi32(n.v), _mm512_set1_epi32(127)), 23);
+  return {_mm512_castsi512_ps(bits)};
+}
+inline void split_exponent(V x, V* e, V* m) {
+  const __m512i bits = _mm512_castps_si512(x.v);
+  const __m512i exponent = _mm512_and_si512(_mm512_srli_epi32(bits, 23), _mm512_set1_epi32(0xff));
+  e->v = _mm512_cvtepi32_ps(_mm512_sub_epi32(exponent, _mm512_set1_epi32(126)));
+  const __m512i mantissa = _mm512_and_si512(bits, _mm512_set1_epi32(~(0xff << 23)));
+  m->v = _mm512_castsi512_ps(_mm512_or_si512(mantissa, _mm512_set1_epi32(126 << 23)));
+}
+#include "cost/cost_row.inc"
+}  // namespace avx512
 #pragma GCC pop_options
 #endif
 
