@@ -1,11 +1,9 @@
 // What both CPU ops built on the fused cost share (match_cost_cpu.cpp: the padded cost tensor;
 // group_match_cpu.cpp: cost and assignment in one pass): the SIMD choice, the targets packed as
-// structure-of-arrays rows with each image's distinct classes, and the cost of one block of 8
-// queries from the logits and boxes (gather, class term, L1, GIoU) into a caller's tile.
+// structure-of-arrays rows with each image's distinct classes, and the cost of one block of
+// kMaxWidth queries from the logits and boxes (gather, class term, L1, GIoU) into a caller's tile. Free
+// of torch headers, like the kernel: benchmarks/bench_cost_breakdown.py times it on its own.
 #pragma once
-
-#include <ATen/core/Tensor.h>
-#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -39,27 +37,6 @@ inline Isa cost_isa() {
 
 inline const char* isa_name(Isa isa) {
   return isa == Isa::kAvx512 ? "avx512" : isa == Isa::kAvx2 ? "avx2" : "portable";
-}
-
-// The checks both ops make alike, with `op` ("match_cost", "group_match") opening each message:
-// float logits and boxes, int64 labels, a known class cost, every tensor on the CPU.
-inline void check_dtypes_and_device(const char* op, const at::Tensor& logits,
-                                    const at::Tensor& pred_boxes, const at::Tensor& labels,
-                                    const at::Tensor& target_boxes, const std::string& class_cost) {
-  for (const at::Tensor* t : {&logits, &pred_boxes, &target_boxes}) {
-    const auto dtype = t->scalar_type();
-    TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
-                         dtype == at::kBFloat16,
-                     op, ": logits and boxes must be float16, bfloat16, float32 or float64, got ",
-                     dtype);
-  }
-  TORCH_CHECK_TYPE(labels.scalar_type() == at::kLong, op, ": labels must be int64, got ",
-                   labels.scalar_type());
-  TORCH_CHECK_VALUE(class_cost == "focal" || class_cost == "softmax", op,
-                    ": class_cost must be 'focal' or 'softmax', got '", class_cost, "'");
-  for (const at::Tensor* t : {&logits, &pred_boxes, &labels, &target_boxes}) {
-    TORCH_CHECK_VALUE(t->device().is_cpu(), op, " (CPU): every tensor must be on the CPU");
-  }
 }
 
 inline int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
@@ -175,7 +152,7 @@ struct Predictions {
   int64_t num_queries, num_classes, classes_padded;
 };
 
-// The cost of queries [q0, q0 + lanes) (lanes <= 8) of image b against its first `count`
+// The cost of queries [q0, q0 + lanes) (lanes <= kMaxWidth) of image b against its first `count`
 // targets into tile[m * tile_stride + lane] for every lane of the block (lanes past `lanes`
 // hold a unit box and logit 0: finite, for the caller to ignore).
 template <typename logit_t, typename box_t>
@@ -255,6 +232,20 @@ void block_cost(const CostParams& params, Isa isa, const Predictions<logit_t, bo
     default:
       portable::cost_block(params, t, unique_of, num_unique, picked, inv_sum, queries, class_buf,
                            tile, tile_stride);
+  }
+}
+
+// The cost of one (image, group) problem: queries [q_begin, q_begin + per_group) of image b
+// against its first `count` targets, block after block, into tile[m * tile_stride + q]
+// (tile_stride >= per_group rounded up to kMaxWidth): targets as rows, the solver's layout.
+template <typename logit_t, typename box_t>
+void problem_cost(const CostParams& params, Isa isa, const Predictions<logit_t, box_t>& pred,
+                  PackedTargets& targets, int64_t b, int64_t q_begin, int64_t per_group,
+                  int64_t count, BlockScratch& scratch, float* tile, int64_t tile_stride) {
+  for (int64_t q0 = 0; q0 < per_group; q0 += kMaxWidth) {
+    block_cost(params, isa, pred, targets, b, q_begin + q0,
+               std::min<int64_t>(kMaxWidth, per_group - q0), count, scratch, tile + q0,
+               tile_stride);
   }
 }
 

@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "cost/cost_blocks.h"
+#include "cost/op_checks.h"
 #include "lsa/cpu_solver.h"
 
 namespace group_detr {
@@ -206,11 +207,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_match_cpu(
             const int64_t count = valid[b];
             if (count == 0 || per_group == 0) continue;
             const int64_t q_begin = g * per_group;
-            for (int64_t q0 = 0; q0 < per_group; q0 += kMaxWidth) {
-              cost::block_cost(params, isa, pred, targets, b, q_begin + q0,
-                               std::min<int64_t>(kMaxWidth, per_group - q0), count, scratch,
-                               tile.data() + q0, row_stride);
-            }
+            cost::problem_cost(params, isa, pred, targets, b, q_begin, per_group, count, scratch,
+                               tile.data(), row_stride);
             // The tile as the solver's (queries x targets) cost: query q, target m at
             // tile[m * row_stride + q].
             Status solved = cpu::solve_one(tile.data(), 1, row_stride, per_group, count, count,

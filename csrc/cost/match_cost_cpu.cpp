@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "cost/cost_blocks.h"
+#include "cost/op_checks.h"
 
 namespace group_detr {
 namespace {

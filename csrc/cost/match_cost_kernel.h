@@ -42,6 +42,14 @@ struct QueryBlock {
   float cx[kMaxWidth], cy[kMaxWidth], w[kMaxWidth], h[kMaxWidth];
 };
 
+// The kernel's small functions must be inlined into the block loop: a call would pass its
+// vectors (and the four of a Quad) through memory.
+#if defined(__GNUC__)
+#define GROUP_DETR_INLINE inline __attribute__((always_inline))
+#else
+#define GROUP_DETR_INLINE inline
+#endif
+
 // No contraction of a * b + c into a fused multiply-add except where fmadd asks for one: both
 // builds then round every operation alike, and the cost keeps the reference's operation order.
 #if defined(__GNUC__) && !defined(__clang__)
