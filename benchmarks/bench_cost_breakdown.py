@@ -7,10 +7,13 @@ then the solver's solve_one) on one thread, without torch, on the workloads' inp
     whole       cost + solve of every (image, group) problem: the op's work on one thread
     cost        the cost tiles alone (logit gather, focal class term, L1 + GIoU)
     class term  the cost with the box weights at 0: the gather and the focal term alone
+    gather      the gather alone: the predicted boxes and each query's logits at its image's
+                distinct target classes, read from the (B, Q, C) logits
     solve       the solver on the stored tiles alone: the assignment
 
 interleaved, `--repeats` times each, and reports the minimum and median of each (the minimum is
-the least disturbed by other work on the machine), the box terms as cost - class term, and the
+the least disturbed by other work on the machine), the focal term as class term - gather, the
+box terms as cost - class term, and the
 ratios to the solve: whole / solve is the op's share of GroupMatcher's "/ assignment" ratio, and
 (class term + solve) / solve is what that ratio would be were L1 and GIoU free.
 
@@ -33,7 +36,8 @@ from workloads import load_workloads, matcher_inputs
 
 SOURCE = os.path.join(common.HERE, "cost_breakdown.cpp")
 CSRC = os.path.join(common.ROOT, "csrc")
-PARTS = ("whole", "cost", "class_term", "solve")
+PARTS = ("whole", "cost", "class_term", "gather", "solve")
+DERIVED = ("focal_term", "box_terms")
 
 
 def build_harness(build_dir):
@@ -81,6 +85,7 @@ def run_workload(lib, spec, repeats):
     parts = {name: {"min_ms": float(t.min()), "median_ms": float(np.median(t))}
              for name, t in zip(PARTS, times)}
     for stat in ("min_ms", "median_ms"):
+        parts.setdefault("focal_term", {})[stat] = parts["class_term"][stat] - parts["gather"][stat]
         parts.setdefault("box_terms", {})[stat] = parts["cost"][stat] - parts["class_term"][stat]
     solve = parts["solve"]["min_ms"]
     return {
@@ -94,15 +99,16 @@ def run_workload(lib, spec, repeats):
 def print_table(report):
     print("\nGroupMatcher's CPU op in parts, one thread, ms (min / median over "
           f"{report['repeats']} interleaved repeats)")
-    print(f"{'workload':12s} " + " ".join(f"{p:>15s}" for p in PARTS + ("box_terms",))
+    print(f"{'workload':12s} " + " ".join(f"{p:>15s}" for p in PARTS + DERIVED)
           + f" {'whole/solve':>11s} {'(class+solve)/solve':>19s}")
     for name, r in report["workloads"].items():
         cells = [f"{r['parts'][p]['min_ms']:6.3f} / {r['parts'][p]['median_ms']:6.3f}"
-                 for p in PARTS + ("box_terms",)]
+                 for p in PARTS + DERIVED]
         print(f"{name:12s} " + " ".join(f"{c:>15s}" for c in cells)
               + f" {r['whole_over_solve']:10.1f}x {r['class_term_plus_solve_over_solve']:18.1f}x")
-    print("class term: logit gather + focal cost, once per (query, distinct target class); box "
-          "terms = cost - class term (L1 + GIoU per query-target pair); ratios from the minima")
+    print("class term: gather + focal cost, once per (query, distinct target class); focal term = "
+          "class term - gather; box terms = cost - class term (L1 + GIoU per query-target pair); "
+          "ratios from the minima")
 
 
 def main(argv=None):
@@ -122,8 +128,13 @@ def main(argv=None):
         parser.error(f"unknown workloads {unknown}; known: {sorted(workloads)}")
     lib = load_harness(build_harness(args.build_dir))
     device = torch.device("cpu")
-    report = {"benchmark": "cost_breakdown", **common.environment(device), "threads": 1,
-              "repeats": args.repeats, "workloads": {}}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the harness runs on one thread: the report's header says so
+    try:
+        report = {"benchmark": "cost_breakdown", **common.environment(device),
+                  "repeats": args.repeats, "workloads": {}}
+    finally:
+        torch.set_num_threads(threads)
     for name in names:
         print(f"running {name} ...", flush=True)
         report["workloads"][name] = run_workload(lib, workloads[name], args.repeats)

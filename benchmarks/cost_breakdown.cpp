@@ -15,7 +15,7 @@ namespace {
 using namespace group_detr;
 
 // The parts, in the order of the output rows.
-enum Part { kWhole, kCost, kClassTerm, kSolve, kNumParts };
+enum Part { kWhole, kCost, kClassTerm, kGather, kSolve, kNumParts };
 
 struct Inputs {
   const float* logits;       // (B, Q, C), contiguous
@@ -77,7 +77,13 @@ class Problems {
       if (count == 0) continue;
       for (int64_t g = 0; g < in_.num_groups; ++g) {
         float* tile = tiles + (one_tile ? 0 : (b * in_.num_groups + g) * tile_size());
-        if (part != kSolve) {
+        if (part == kGather) {
+          for (int64_t q0 = 0; q0 < per_group_; q0 += cost::kMaxWidth) {
+            cost::gather_block(params, isa, pred, targets, b, g * per_group_ + q0,
+                               std::min<int64_t>(cost::kMaxWidth, per_group_ - q0), scratch);
+          }
+          checksum += static_cast<int64_t>(scratch.picked[0] != 0.0f);  // keep the loads
+        } else if (part != kSolve) {
           cost::problem_cost(params, isa, pred, targets, b, g * per_group_, per_group_, count,
                              scratch, tile, row_stride_);
         }

@@ -20,9 +20,12 @@ def test_report_structure(report):
     assert list(report["workloads"]) == ["coco_k11", "dino_k1_900"]
     for result in report["workloads"].values():
         parts = result["parts"]
-        assert set(parts) == {"whole", "cost", "class_term", "solve", "box_terms"}
+        assert set(parts) == {"whole", "cost", "class_term", "gather", "solve", "focal_term",
+                              "box_terms"}
         for stat in ("min_ms", "median_ms"):
-            assert all(parts[p][stat] > 0 for p in ("whole", "cost", "class_term", "solve"))
+            assert all(parts[p][stat] > 0 for p in bench_cost_breakdown.PARTS)
+            assert parts["focal_term"][stat] == pytest.approx(
+                parts["class_term"][stat] - parts["gather"][stat])
             assert parts["box_terms"][stat] == pytest.approx(
                 parts["cost"][stat] - parts["class_term"][stat])
         assert result["whole_over_solve"] == pytest.approx(

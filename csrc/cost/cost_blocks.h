@@ -69,7 +69,10 @@ struct PackedTargets {
   std::vector<std::vector<int64_t>> unique_label;
 
   float* array(int which, int64_t image) { return data.data() + (which * batch + image) * stride; }
-  TargetsSoA view(int64_t image, int64_t count) {
+  const float* array(int which, int64_t image) const {
+    return data.data() + (which * batch + image) * stride;
+  }
+  TargetsSoA view(int64_t image, int64_t count) const {
     return {array(0, image), array(1, image), array(2, image), array(3, image), array(4, image),
             array(5, image), array(6, image), array(7, image), array(8, image), count};
   }
@@ -134,11 +137,16 @@ PackedTargets pack_targets(int64_t batch, int64_t stride, const std::vector<int6
 
 constexpr int64_t kPrefetchBlocks = 4;
 
-// Per-thread scratch of block_cost.
+// Per-thread scratch of block_cost: one block's gathered inputs (queries, picked, inv_sum), its
+// class costs (class_buf) and, for softmax, a row of logits.
 struct BlockScratch {
+  QueryBlock queries;
+  float inv_sum[kMaxWidth];
   std::vector<float> picked, class_buf, row;
+  // picked and class_buf hold max_unique rows of kMaxWidth lanes, rounded up to four vectors
+  // of the widest build (cost_row.inc: class_costs works on four at a time).
   BlockScratch(int64_t max_unique, int64_t classes_padded, bool softmax)
-      : picked(max_unique * kMaxWidth), class_buf(max_unique * kMaxWidth),
+      : picked(round_up(max_unique * kMaxWidth, 4 * kMaxWidth)), class_buf(picked.size()),
         row(softmax ? classes_padded : 0) {}
 };
 
@@ -152,14 +160,16 @@ struct Predictions {
   int64_t num_queries, num_classes, classes_padded;
 };
 
-// The cost of queries [q0, q0 + lanes) (lanes <= kMaxWidth) of image b against its first `count`
-// targets into tile[m * tile_stride + lane] for every lane of the block (lanes past `lanes`
-// hold a unit box and logit 0: finite, for the caller to ignore).
+// What the cost of queries [q0, q0 + lanes) (lanes <= kMaxWidth) of image b needs from the
+// predictions: their boxes into scratch.queries, and per distinct target class u and lane the
+// logit at that class (focal) or its softmax numerator (softmax; the lane's 1 / sum into
+// scratch.inv_sum) into scratch.picked[u * kMaxWidth + lane]. Lanes past `lanes` get a unit
+// box and logit 0: finite, for the caller to ignore.
 template <typename logit_t, typename box_t>
-void block_cost(const CostParams& params, Isa isa, const Predictions<logit_t, box_t>& pred,
-                PackedTargets& targets, int64_t b, int64_t q0, int64_t lanes, int64_t count,
-                BlockScratch& scratch, float* tile, int64_t tile_stride) {
-  QueryBlock queries;
+void gather_block(const CostParams& params, Isa isa, const Predictions<logit_t, box_t>& pred,
+                  const PackedTargets& targets, int64_t b, int64_t q0, int64_t lanes,
+                  BlockScratch& scratch) {
+  QueryBlock& queries = scratch.queries;
   for (int64_t i = 0; i < kMaxWidth; ++i) {
     if (i >= lanes) {
       queries.cx[i] = queries.cy[i] = 0.5f;
@@ -185,7 +195,7 @@ void block_cost(const CostParams& params, Isa isa, const Predictions<logit_t, bo
       }
     }
   }
-  float inv_sum[kMaxWidth];
+  float* inv_sum = scratch.inv_sum;
   for (int64_t i = 0; i < kMaxWidth; ++i) {
     inv_sum[i] = 1.0f;
     if (i >= lanes) {
@@ -215,6 +225,17 @@ void block_cost(const CostParams& params, Isa isa, const Predictions<logit_t, bo
       }
     }
   }
+}
+
+// The cost of the block gather_block left in `scratch` against image b's first `count`
+// targets into tile[m * tile_stride + lane] for every lane of the block.
+inline void compute_block(const CostParams& params, Isa isa, const PackedTargets& targets,
+                          int64_t b, int64_t count, BlockScratch& scratch, float* tile,
+                          int64_t tile_stride) {
+  const int64_t num_unique = static_cast<int64_t>(targets.unique_label[b].size());
+  const float* picked = scratch.picked.data();
+  const float* inv_sum = scratch.inv_sum;
+  const QueryBlock& queries = scratch.queries;
   const TargetsSoA t = targets.view(b, count);
   const int32_t* unique_of = targets.unique_of.data() + b * targets.stride;
   float* class_buf = scratch.class_buf.data();
@@ -235,12 +256,22 @@ void block_cost(const CostParams& params, Isa isa, const Predictions<logit_t, bo
   }
 }
 
+// The cost of queries [q0, q0 + lanes) of image b against its first `count` targets into
+// tile[m * tile_stride + lane] for every lane of the block: gather_block, then compute_block.
+template <typename logit_t, typename box_t>
+void block_cost(const CostParams& params, Isa isa, const Predictions<logit_t, box_t>& pred,
+                const PackedTargets& targets, int64_t b, int64_t q0, int64_t lanes,
+                int64_t count, BlockScratch& scratch, float* tile, int64_t tile_stride) {
+  gather_block(params, isa, pred, targets, b, q0, lanes, scratch);
+  compute_block(params, isa, targets, b, count, scratch, tile, tile_stride);
+}
+
 // The cost of one (image, group) problem: queries [q_begin, q_begin + per_group) of image b
 // against its first `count` targets, block after block, into tile[m * tile_stride + q]
 // (tile_stride >= per_group rounded up to kMaxWidth): targets as rows, the solver's layout.
 template <typename logit_t, typename box_t>
 void problem_cost(const CostParams& params, Isa isa, const Predictions<logit_t, box_t>& pred,
-                  PackedTargets& targets, int64_t b, int64_t q_begin, int64_t per_group,
+                  const PackedTargets& targets, int64_t b, int64_t q_begin, int64_t per_group,
                   int64_t count, BlockScratch& scratch, float* tile, int64_t tile_stride) {
   for (int64_t q0 = 0; q0 < per_group; q0 += kMaxWidth) {
     block_cost(params, isa, pred, targets, b, q_begin + q0,
