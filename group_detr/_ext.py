@@ -119,15 +119,15 @@ if _C is not None:
     if has_group_match_cpu():
 
         @torch.library.register_fake("group_detr::group_match")
-        def _group_match_fake(logits, pred_boxes, labels, target_boxes, num_targets, num_groups,
-                              cost_class, cost_bbox, cost_giou, class_cost, focal_alpha,
-                              focal_gamma, validate):
-            # The pair count is known from the host ints: K * min(N, M_b) per image.
+        def _group_match_fake(logits, pred_boxes, labels, target_boxes, num_groups, cost_class,
+                              cost_bbox, cost_giou, class_cost, focal_alpha, focal_gamma,
+                              validate):
+            # Each image's pair count follows from its target count: K * min(N, M_b).
             per_group = logits.shape[1] // num_groups
-            pairs = sum(num_groups * min(per_group, m) for m in num_targets)
-            index = logits.new_empty((pairs,), dtype=torch.int64)
-            return index, index.clone(), logits.new_empty((len(num_targets) * num_groups,),
-                                                          dtype=torch.int32)
+            query = [logits.new_empty((num_groups * min(per_group, l.shape[0]),),
+                                      dtype=torch.int64) for l in labels]
+            return (query, [q.clone() for q in query],
+                    logits.new_empty((len(labels) * num_groups,), dtype=torch.int32))
 
     if has_lsa_warp_emulated():
 

@@ -274,15 +274,20 @@ class GroupMatcher(nn.Module):
         labels, boxes, sizes = target_fields(targets)
         if not sizes:
             return []
+        # The op takes each image's targets as they are (it converts float boxes to float32 as
+        # it packs them); only labels of another integer type, integer boxes or targets off the
+        # CPU are copied first, as the two-step path (pad_targets) converts them.
         device = logits.device
+        if any(l.dtype != torch.int64 or l.device != device for l in labels):
+            labels = [l.to(device, torch.int64) for l in labels]
+        if any(b.device != device or not b.is_floating_point() for b in boxes):
+            boxes = [b.to(device, torch.float32) for b in boxes]
         query, target, status = torch.ops.group_detr.group_match(
-            logits, pred_boxes, torch.cat(labels).to(device, torch.int64),
-            torch.cat(boxes).to(device, torch.float32), sizes, num_groups, float(self.cost_class),
+            logits, pred_boxes, labels, boxes, num_groups, float(self.cost_class),
             float(self.cost_bbox), float(self.cost_giou), self.class_cost, float(self.focal_alpha),
             float(self.focal_gamma), self.validate)
         raise_for_status(status)
-        pairs = [num_groups * min(queries_per_group, m) for m in sizes]
-        return list(zip(query.split(pairs), target.split(pairs)))
+        return list(zip(query, target))
 
     @torch.no_grad()
     def assign(self, cost: Tensor, num_targets, num_groups=None):

@@ -113,35 +113,44 @@ def test_when_one_pass_is_used():
 
 def test_opcheck():
     outputs, targets = random_batch(1, 3, 2, 6, 5, 4, torch.float32, False, None, 0.0)
-    labels = torch.cat([t["labels"] for t in targets])
-    boxes = torch.cat([t["boxes"] for t in targets])
-    sizes = [len(t["labels"]) for t in targets]
+    labels = [t["labels"] for t in targets]
+    boxes = [t["boxes"] for t in targets]
     for class_cost in ("focal", "softmax"):
         for validate in (True, False):
             torch.library.opcheck(
                 torch.ops.group_detr.group_match.default,
-                (outputs["pred_logits"], outputs["pred_boxes"], labels, boxes, sizes, 2, 2.0, 5.0,
-                 2.0, class_cost, 0.25, 2.0, validate))
+                (outputs["pred_logits"], outputs["pred_boxes"], labels, boxes, 2, 2.0, 5.0, 2.0,
+                 class_cost, 0.25, 2.0, validate))
 
 
 def op_inputs():
     outputs, targets = random_batch(2, 2, 2, 4, 3, 3, torch.float32, False, None, 0.0)
     targets[0] = {"labels": torch.tensor([0, 2]), "boxes": torch.rand(2, 4) * 0.5 + 0.1}
-    labels = torch.cat([t["labels"] for t in targets])
-    boxes = torch.cat([t["boxes"] for t in targets])
-    return [outputs["pred_logits"], outputs["pred_boxes"], labels, boxes,
-            [len(t["labels"]) for t in targets], 2]
+    return [outputs["pred_logits"], outputs["pred_boxes"], [t["labels"] for t in targets],
+            [t["boxes"] for t in targets], 2]
+
+
+def test_op_returns_each_images_pairs():
+    args = op_inputs()
+    query, target, status = torch.ops.group_detr.group_match(*args, 2.0, 5.0, 2.0, "focal", 0.25,
+                                                             2.0, True)
+    assert len(query) == len(target) == 2 and status.shape == (4,) and (status == 0).all()
+    for q, t, labels in zip(query, target, args[2]):
+        assert len(q) == len(t) == 2 * min(4, len(labels))
+        assert q.dtype == t.dtype == torch.int64 and (q.diff() > 0).all()
 
 
 @pytest.mark.parametrize("case, error, message", [
     ("logits_2d", ValueError, r"logits must be \(B, Q, C\)"),
     ("pred_boxes_shape", ValueError, "pred_boxes must be"),
-    ("num_targets_length", ValueError, "num_targets must have B = 2 entries"),
-    ("num_targets_negative", ValueError, "num_targets must be >= 0"),
-    ("labels_count", ValueError, r"labels must be \(sum num_targets,\)"),
-    ("boxes_shape", ValueError, r"target_boxes must be \(sum num_targets, 4\)"),
+    ("labels_length", ValueError, "labels and target_boxes must hold B = 2 tensors each"),
+    ("boxes_length", ValueError, "labels and target_boxes must hold B = 2 tensors each"),
+    ("labels_2d", ValueError, r"labels\[0\] must be \(M,\)"),
+    ("boxes_count", ValueError, r"target_boxes\[0\] must be \(M, 4\) = \(2, 4\)"),
+    ("boxes_shape", ValueError, r"target_boxes\[1\] must be \(M, 4\)"),
     ("labels_int32", TypeError, "labels must be int64"),
     ("logits_int", TypeError, "logits and boxes must be"),
+    ("boxes_int", TypeError, "logits and boxes must be"),
     ("groups", ValueError, "is not divisible by num_groups 3"),
     ("label_high", ValueError, r"target 0 has class id 5 outside \[0, 3\)"),
     ("box_nan", ValueError, "target boxes contain NaN or infinite values"),
@@ -150,34 +159,37 @@ def op_inputs():
 ])
 def test_op_bad_input(case, error, message):
     args = op_inputs()
+    labels, boxes = [l.clone() for l in args[2]], [b.clone() for b in args[3]]
+    args[2], args[3] = labels, boxes
     class_cost = "focal"
     if case == "logits_2d":
         args[0] = args[0][0]
     elif case == "pred_boxes_shape":
         args[1] = args[1][:, :, :3]
-    elif case == "num_targets_length":
-        args[4] = args[4] + [1]
-    elif case == "num_targets_negative":
-        args[4] = [-1, args[4][1] + 1]
-    elif case == "labels_count":
-        args[2] = args[2][:-1]
+    elif case == "labels_length":
+        labels.append(labels[0])
+    elif case == "boxes_length":
+        boxes.pop()
+    elif case == "labels_2d":
+        labels[0] = labels[0][:, None]
+    elif case == "boxes_count":
+        boxes[0] = boxes[0][:1]
     elif case == "boxes_shape":
-        args[3] = args[3][:, :3]
+        boxes[1] = boxes[1][:, :3]
     elif case == "labels_int32":
-        args[2] = args[2].int()
+        labels[1] = labels[1].int()
     elif case == "logits_int":
         args[0] = args[0].long()
+    elif case == "boxes_int":
+        boxes[0] = boxes[0].long()
     elif case == "groups":
-        args[5] = 3
+        args[4] = 3
     elif case == "label_high":
-        args[2] = args[2].clone()
-        args[2][1] = 5
+        labels[0][1] = 5
     elif case == "box_nan":
-        args[3] = args[3].clone()
-        args[3][0, 1] = float("nan")
+        boxes[0][0, 1] = float("nan")
     elif case == "box_negative":
-        args[3] = args[3].clone()
-        args[3][1, 2] = -0.1
+        boxes[0][1, 2] = -0.1
     elif case == "class_cost":
         class_cost = "sigmoid"
     with pytest.raises(error, match=message):
@@ -186,10 +198,11 @@ def test_op_bad_input(case, error, message):
 
 def test_unvalidated_op_clamps_labels_and_skips_box_checks():
     args = op_inputs()
-    args[2] = args[2].clone()
-    args[2][0] = 7  # past the 3 classes: clamped to class 2, as pad_targets does
-    args[3] = args[3].clone()
-    args[3][1, 2] = -0.1
+    args[2] = [l.clone() for l in args[2]]
+    args[3] = [b.clone() for b in args[3]]
+    args[2][0][0] = 7  # past the 3 classes: clamped to class 2, as pad_targets does
+    args[3][0][1, 2] = -0.1
     query, target, status = torch.ops.group_detr.group_match(*args, 2.0, 5.0, 2.0, "focal", 0.25,
                                                              2.0, False)
-    assert (status == 0).all() and len(query) == len(target) == 2 * sum(min(4, m) for m in args[4])
+    assert (status == 0).all()
+    assert [len(q) for q in query] == [len(t) for t in target] == [2 * min(4, len(l)) for l in args[2]]

@@ -1,5 +1,5 @@
 // CPU implementation of group_detr::group_match: GroupMatcher's whole CPU path in one pass, from
-// the logits, predicted boxes and the concatenated targets to DETR's sorted index pairs.
+// the logits, predicted boxes and each image's targets to DETR's sorted index pairs per image.
 //
 // Each problem (image b, group g) is one task: its cost (the fused cost's block kernel, kMaxWidth
 // queries per block) goes into a per-thread tile laid out with the targets as rows, which is the
@@ -35,9 +35,8 @@ namespace {
 using cost::kMaxWidth;
 using lsa::Status;
 
-void check_inputs(const at::Tensor& logits, const at::Tensor& pred_boxes,
-                  const at::Tensor& labels, const at::Tensor& target_boxes,
-                  c10::IntArrayRef num_targets, int64_t num_groups, const std::string& class_cost) {
+void check_inputs(const at::Tensor& logits, const at::Tensor& pred_boxes, at::TensorList labels,
+                  at::TensorList target_boxes, int64_t num_groups, const std::string& class_cost) {
   TORCH_CHECK_VALUE(logits.dim() == 3, "group_match: logits must be (B, Q, C), got ",
                     logits.sizes());
   const int64_t num_images = logits.size(0), num_queries = logits.size(1);
@@ -45,23 +44,26 @@ void check_inputs(const at::Tensor& logits, const at::Tensor& pred_boxes,
                         pred_boxes.size(1) == num_queries && pred_boxes.size(2) == 4,
                     "group_match: pred_boxes must be (B, Q, 4) = (", num_images, ", ",
                     num_queries, ", 4), got ", pred_boxes.sizes());
-  TORCH_CHECK_VALUE(static_cast<int64_t>(num_targets.size()) == num_images,
-                    "group_match: num_targets must have B = ", num_images, " entries, got ",
-                    num_targets.size());
+  TORCH_CHECK_VALUE(static_cast<int64_t>(labels.size()) == num_images &&
+                        static_cast<int64_t>(target_boxes.size()) == num_images,
+                    "group_match: labels and target_boxes must hold B = ", num_images,
+                    " tensors each (one per image), got ", labels.size(), " and ",
+                    target_boxes.size());
   int64_t total = 0;
-  for (const int64_t m : num_targets) {
-    TORCH_CHECK_VALUE(m >= 0, "group_match: num_targets must be >= 0, got ", num_targets);
+  for (int64_t b = 0; b < num_images; ++b) {
+    TORCH_CHECK_VALUE(labels[b].dim() == 1, "group_match: labels[", b, "] must be (M,), got ",
+                      labels[b].sizes());
+    const int64_t m = labels[b].size(0);
+    TORCH_CHECK_VALUE(target_boxes[b].dim() == 2 && target_boxes[b].size(0) == m &&
+                          target_boxes[b].size(1) == 4,
+                      "group_match: target_boxes[", b, "] must be (M, 4) = (", m,
+                      ", 4) for its ", m, " labels, got ", target_boxes[b].sizes());
     total += m;
   }
-  TORCH_CHECK_VALUE(labels.dim() == 1 && labels.size(0) == total,
-                    "group_match: labels must be (sum num_targets,) = (", total, ",), got ",
-                    labels.sizes());
-  TORCH_CHECK_VALUE(target_boxes.dim() == 2 && target_boxes.size(0) == total &&
-                        target_boxes.size(1) == 4,
-                    "group_match: target_boxes must be (sum num_targets, 4) = (", total,
-                    ", 4), got ", target_boxes.sizes());
-  cost::check_dtypes_and_device("group_match", logits, pred_boxes, labels, target_boxes,
-                                class_cost);
+  cost::check_predictions("group_match", logits, pred_boxes, class_cost);
+  for (int64_t b = 0; b < num_images; ++b) {
+    cost::check_targets("group_match", labels[b], target_boxes[b]);
+  }
   TORCH_CHECK_VALUE(num_groups >= 1 && num_queries % num_groups == 0,
                     "group_match: the number of queries K*N = ", num_queries,
                     " is not divisible by num_groups ", num_groups);
@@ -69,20 +71,21 @@ void check_inputs(const at::Tensor& logits, const at::Tensor& pred_boxes,
                     "group_match: logits have no classes but there are targets");
 }
 
-// check_boxes' rule and messages (group_detr/box_ops.py), on the concatenated target boxes.
-template <typename box_t>
-void check_target_boxes(const at::Tensor& boxes) {
-  const auto box = boxes.accessor<box_t, 2>();
-  const int64_t count = boxes.size(0);
-  for (int64_t i = 0; i < count; ++i) {
-    for (int k = 0; k < 4; ++k) {
-      TORCH_CHECK_VALUE(std::isfinite(static_cast<double>(box[i][k])),
-                        "target boxes contain NaN or infinite values");
+// check_boxes' rule and messages (group_detr/box_ops.py) on the float32 target boxes of every
+// image, in its order: every box finite, then no negative width or height.
+void check_target_boxes(const std::vector<at::Tensor>& boxes) {
+  for (const at::Tensor& image : boxes) {
+    const float* box = image.const_data_ptr<float>();
+    for (int64_t i = 0; i < image.numel(); ++i) {
+      TORCH_CHECK_VALUE(std::isfinite(box[i]), "target boxes contain NaN or infinite values");
     }
   }
-  for (int64_t i = 0; i < count; ++i) {
-    TORCH_CHECK_VALUE(!(static_cast<double>(box[i][2]) < 0 || static_cast<double>(box[i][3]) < 0),
-                      "target boxes contain a box with negative width or height (degenerate box)");
+  for (const at::Tensor& image : boxes) {
+    const float* box = image.const_data_ptr<float>();
+    for (int64_t i = 0; i < image.size(0); ++i) {
+      TORCH_CHECK_VALUE(!(box[4 * i + 2] < 0 || box[4 * i + 3] < 0),
+                        "target boxes contain a box with negative width or height (degenerate box)");
+    }
   }
 }
 
@@ -114,55 +117,58 @@ void sanitize_tile(float* tile, int64_t rows, int64_t cols, int64_t stride, int6
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> group_match_cpu(
-    const at::Tensor& logits, const at::Tensor& pred_boxes, const at::Tensor& labels,
-    const at::Tensor& target_boxes, c10::IntArrayRef num_targets, int64_t num_groups,
-    double cost_class, double cost_bbox, double cost_giou, c10::string_view class_cost_view,
-    double focal_alpha, double focal_gamma, bool validate) {
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> group_match_cpu(
+    const at::Tensor& logits, const at::Tensor& pred_boxes, at::TensorList labels,
+    at::TensorList target_boxes, int64_t num_groups, double cost_class, double cost_bbox,
+    double cost_giou, c10::string_view class_cost_view, double focal_alpha, double focal_gamma,
+    bool validate) {
   const std::string class_cost(class_cost_view.data(), class_cost_view.size());
-  check_inputs(logits, pred_boxes, labels, target_boxes, num_targets, num_groups, class_cost);
+  check_inputs(logits, pred_boxes, labels, target_boxes, num_groups, class_cost);
   const int64_t num_images = logits.size(0), num_queries = logits.size(1);
   const int64_t num_classes = logits.size(2);
   const int64_t per_group = num_queries / num_groups;  // N
   const int64_t num_problems = num_images * num_groups;
 
-  // Image b's pairs start at pair_start[b]: K * min(N, M_b) per image, group after group.
-  std::vector<int64_t> valid(num_targets.begin(), num_targets.end());
-  std::vector<int64_t> first_target(num_images + 1, 0), pair_start(num_images + 1, 0);
-  int64_t max_targets = 0;
-  for (int64_t b = 0; b < num_images; ++b) {
-    first_target[b + 1] = first_target[b] + valid[b];
-    pair_start[b + 1] = pair_start[b] + num_groups * std::min(per_group, valid[b]);
-    max_targets = std::max(max_targets, valid[b]);
-  }
+  // Image b's pairs: K * min(N, M_b), group after group, into its own index tensors.
+  std::vector<int64_t> valid(num_images);
+  int64_t max_targets = 0, total_pairs = 0;
   const auto long_options = logits.options().dtype(at::kLong);
-  at::Tensor query_idx = at::empty({pair_start[num_images]}, long_options);
-  at::Tensor target_idx = at::empty({pair_start[num_images]}, long_options);
+  std::vector<at::Tensor> query_idx(num_images), target_idx(num_images);
+  std::vector<int64_t*> query_out(num_images), target_out(num_images);
+  for (int64_t b = 0; b < num_images; ++b) {
+    valid[b] = labels[b].size(0);
+    max_targets = std::max(max_targets, valid[b]);
+    const int64_t pairs = num_groups * std::min(per_group, valid[b]);
+    total_pairs += pairs;
+    query_idx[b] = at::empty({pairs}, long_options);
+    target_idx[b] = at::empty({pairs}, long_options);
+    query_out[b] = query_idx[b].data_ptr<int64_t>();
+    target_out[b] = target_idx[b].data_ptr<int64_t>();
+  }
   at::Tensor status = at::zeros({num_problems}, logits.options().dtype(at::kInt));
-  if (pair_start[num_images] == 0) return {query_idx, target_idx, status};
+  if (total_pairs == 0) return {query_idx, target_idx, status};
 
   // The targets in float32 as the reference's `tgt_boxes.to(pred_boxes.float().dtype)`;
   // labels first, then boxes, in check_targets' order.
-  const at::Tensor labels_c = labels.contiguous();
-  const int64_t* label_data = labels_c.const_data_ptr<int64_t>();
-  cost::PackedTargets targets;
+  std::vector<at::Tensor> image_labels(num_images), image_boxes(num_images);
+  for (int64_t b = 0; b < num_images; ++b) {
+    image_labels[b] = labels[b].contiguous();
+    image_boxes[b] = target_boxes[b].to(at::kFloat).contiguous();
+  }
   cost::BadLabel bad;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, target_boxes.scalar_type(),
-                                  "group_match_targets", [&] {
-    const auto box = target_boxes.accessor<scalar_t, 2>();
-    targets = cost::pack_targets(
-        num_images, std::max<int64_t>(max_targets, 1), valid, num_classes,
-        /*clamp_labels=*/!validate,
-        [&](int64_t b, int64_t m) { return label_data[first_target[b] + m]; },
-        [&](int64_t b, int64_t m, float* out4) {
-          for (int k = 0; k < 4; ++k) out4[k] = static_cast<float>(box[first_target[b] + m][k]);
-        },
-        &bad);
-    TORCH_CHECK_VALUE(!bad.found, "target ", bad.image, " has class id ", bad.label,
-                      " outside [0, ", num_classes, "): the data has more classes than the "
-                      "model was built for (num_classes=", num_classes, ")");
-    if (validate) check_target_boxes<scalar_t>(target_boxes);
-  });
+  cost::PackedTargets targets = cost::pack_targets(
+      num_images, std::max<int64_t>(max_targets, 1), valid, num_classes,
+      /*clamp_labels=*/!validate,
+      [&](int64_t b, int64_t m) { return image_labels[b].const_data_ptr<int64_t>()[m]; },
+      [&](int64_t b, int64_t m, float* out4) {
+        const float* box = image_boxes[b].const_data_ptr<float>() + 4 * m;
+        for (int k = 0; k < 4; ++k) out4[k] = box[k];
+      },
+      &bad);
+  TORCH_CHECK_VALUE(!bad.found, "target ", bad.image, " has class id ", bad.label,
+                    " outside [0, ", num_classes, "): the data has more classes than the "
+                    "model was built for (num_classes=", num_classes, ")");
+  if (validate) check_target_boxes(image_boxes);
 
   const cost::CostParams params = cost::make_params(cost_class, cost_bbox, cost_giou, class_cost,
                                                     focal_alpha, focal_gamma);
@@ -179,8 +185,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_match_cpu(
     return valid[a / num_groups] > valid[b / num_groups];
   });
   std::atomic<int64_t> next{0};
-  int64_t* query_out = query_idx.data_ptr<int64_t>();
-  int64_t* target_out = target_idx.data_ptr<int64_t>();
   int32_t* problem_status = status.data_ptr<int32_t>();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
@@ -221,11 +225,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_match_cpu(
             }
             problem_status[p] = solved;
             // DETR's order: ascending query, so group g's pairs follow group g - 1's.
-            int64_t at = pair_start[b] + g * std::min(per_group, count);
+            int64_t* query_at = query_out[b] + g * std::min(per_group, count);
+            int64_t* target_at = target_out[b] + g * std::min(per_group, count);
             if (solved != lsa::kOk) {  // the caller raises; keep the indices in range anyway
               const int64_t pairs = std::min(per_group, count);
-              std::fill(query_out + at, query_out + at + pairs, q_begin);
-              std::fill(target_out + at, target_out + at + pairs, int64_t(0));
+              std::fill(query_at, query_at + pairs, q_begin);
+              std::fill(target_at, target_at + pairs, int64_t(0));
               continue;
             }
             for (int64_t m = 0; m < count; ++m) {
@@ -233,10 +238,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_match_cpu(
             }
             for (int64_t q = 0; q < per_group; ++q) {
               if (target_of_query[q] < 0) continue;
-              query_out[at] = q_begin + q;
-              target_out[at] = target_of_query[q];
+              *query_at++ = q_begin + q;
+              *target_at++ = target_of_query[q];
               target_of_query[q] = -1;
-              ++at;
             }
           }
         }

@@ -40,8 +40,8 @@ void check_inputs(const at::Tensor& logits, const at::Tensor& pred_boxes,
                         target_boxes.size(1) == labels.size(1) && target_boxes.size(2) == 4,
                     "match_cost: target_boxes must be (B, M, 4) = (", num_images, ", ",
                     labels.size(1), ", 4), got ", target_boxes.sizes());
-  cost::check_dtypes_and_device("match_cost", logits, pred_boxes, labels, target_boxes,
-                                class_cost);
+  cost::check_predictions("match_cost", logits, pred_boxes, class_cost);
+  cost::check_targets("match_cost", labels, target_boxes);
   TORCH_CHECK_VALUE(logits.size(2) > 0 || labels.size(1) == 0 || num_queries == 0,
                     "match_cost: logits have no classes but there are targets");
 }

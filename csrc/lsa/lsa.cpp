@@ -20,15 +20,14 @@ TORCH_LIBRARY(group_detr, m) {
       "float focal_gamma, int[]? num_targets=None) -> Tensor");
   // GroupMatcher's CPU path in one op (csrc/cost/group_match_cpu.cpp): the cost of every
   // (image, group) problem and its assignment, from logits (B, K*N, C), boxes (B, K*N, 4) and
-  // the concatenated targets, labels (S,) int64 and boxes (S, 4), S = sum(num_targets).
-  // Returns DETR's pairs of all images, concatenated (image b's K * min(N, M_b) pairs in
-  // ascending query order): query_idx (P,), target_idx (P,) int64, and the status (B*K,) int32
-  // of each problem b*K + g (solver.h: Status).
+  // each image's targets, labels (M_b,) int64 and boxes (M_b, 4), as DETR's target dicts hold
+  // them. Returns DETR's pairs per image (K * min(N, M_b) in ascending query order): query_idx
+  // and target_idx, B int64 tensors each, and the status (B*K,) int32 of each problem b*K + g
+  // (solver.h: Status).
   m.def(
-      "group_match(Tensor logits, Tensor pred_boxes, Tensor labels, Tensor target_boxes, "
-      "int[] num_targets, int num_groups, float cost_class, float cost_bbox, float cost_giou, "
-      "str class_cost, float focal_alpha, float focal_gamma, bool validate) "
-      "-> (Tensor, Tensor, Tensor)");
+      "group_match(Tensor logits, Tensor pred_boxes, Tensor[] labels, Tensor[] target_boxes, "
+      "int num_groups, float cost_class, float cost_bbox, float cost_giou, str class_cost, "
+      "float focal_alpha, float focal_gamma, bool validate) -> (Tensor[], Tensor[], Tensor)");
 }
 
 // Importing group_detr._C runs the static registrations above; the module itself is empty.
