@@ -117,7 +117,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--build-dir", default=os.path.join(common.ROOT, "build", "bench"))
     parser.add_argument("--quick", action="store_true", help="few repeats, no results file")
-    parser.add_argument("--out", help="results file (default results/cost_breakdown-<machine>.json)")
+    parser.add_argument("--out",
+                        help="results file (default results/cost_breakdown-<machine>.json)")
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats = 5

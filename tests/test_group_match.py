@@ -205,4 +205,5 @@ def test_unvalidated_op_clamps_labels_and_skips_box_checks():
     query, target, status = torch.ops.group_detr.group_match(*args, 2.0, 5.0, 2.0, "focal", 0.25,
                                                              2.0, False)
     assert (status == 0).all()
-    assert [len(q) for q in query] == [len(t) for t in target] == [2 * min(4, len(l)) for l in args[2]]
+    pairs = [2 * min(4, len(labels)) for labels in args[2]]
+    assert [len(q) for q in query] == [len(t) for t in target] == pairs

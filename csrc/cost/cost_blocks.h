@@ -1,8 +1,9 @@
 // What both CPU ops built on the fused cost share (match_cost_cpu.cpp: the padded cost tensor;
 // group_match_cpu.cpp: cost and assignment in one pass): the SIMD choice, the targets packed as
 // structure-of-arrays rows with each image's distinct classes, and the cost of one block of
-// kMaxWidth queries from the logits and boxes (gather, class term, L1, GIoU) into a caller's tile. Free
-// of torch headers, like the kernel: benchmarks/bench_cost_breakdown.py times it on its own.
+// kMaxWidth queries from the logits and boxes (gather, class term, L1, GIoU) into a caller's
+// tile. Free of torch headers, like the kernel: benchmarks/bench_cost_breakdown.py times it on
+// its own (the ops' input checks are in op_checks.h).
 #pragma once
 
 #include <algorithm>

@@ -84,7 +84,8 @@ void check_target_boxes(const std::vector<at::Tensor>& boxes) {
     const float* box = image.const_data_ptr<float>();
     for (int64_t i = 0; i < image.size(0); ++i) {
       TORCH_CHECK_VALUE(!(box[4 * i + 2] < 0 || box[4 * i + 3] < 0),
-                        "target boxes contain a box with negative width or height (degenerate box)");
+                        "target boxes contain a box with negative width or height "
+                        "(degenerate box)");
     }
   }
 }
