@@ -31,7 +31,7 @@ import time
 import torch
 
 import common
-from workloads import load_workloads
+from workloads import select_workloads
 
 from group_detr.attention import (flex_attention, flex_block_mask, folded_attention,
                                   grouped_attention, masked_attention)
@@ -272,19 +272,17 @@ def main(argv=None):
         print(f"the Triton kernel needs CUDA and triton ({why}): timing the reference paths "
               "only; 'triton' is not measured")
 
-    specs = load_workloads("attention")
-    names = args.workloads or list(specs)
-    unknown = [n for n in names if n not in specs]
-    if unknown:
-        raise SystemExit(f"unknown workloads {unknown}; known: {list(specs)}")
+    try:
+        specs = select_workloads("attention", args.workloads)
+    except ValueError as error:
+        raise SystemExit(str(error))
 
     environment = common.environment(device)
     name = environment["machine"]
     print(f"device {name} ({environment['device_name']}), {dtype}, repeats {repeats}, torch "
           f"{torch.__version__}, triton {triton_version}, load {environment['load_average']}")
     results = {}
-    for workload in names:
-        spec = specs[workload]
+    for workload, spec in specs.items():
         results[workload] = bench_workload(spec, batch or spec["batch"], dtype, device, repeats,
                                            warmup, has_triton, args.paths)
         print(f"  {workload}: done")

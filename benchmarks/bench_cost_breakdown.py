@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 import common
-from workloads import load_workloads, matcher_inputs
+from workloads import matcher_inputs, select_workloads
 
 SOURCE = os.path.join(common.HERE, "cost_breakdown.cpp")
 CSRC = os.path.join(common.ROOT, "csrc")
@@ -122,11 +122,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats = 5
-    workloads = load_workloads("matcher")
-    names = args.workloads or list(workloads)
-    unknown = sorted(set(names) - set(workloads))
-    if unknown:
-        parser.error(f"unknown workloads {unknown}; known: {sorted(workloads)}")
+    try:
+        workloads = select_workloads("matcher", args.workloads)
+    except ValueError as error:
+        parser.error(str(error))
     lib = load_harness(build_harness(args.build_dir))
     device = torch.device("cpu")
     threads = torch.get_num_threads()
@@ -136,9 +135,9 @@ def main(argv=None):
                   "repeats": args.repeats, "workloads": {}}
     finally:
         torch.set_num_threads(threads)
-    for name in names:
+    for name, spec in workloads.items():
         print(f"running {name} ...", flush=True)
-        report["workloads"][name] = run_workload(lib, workloads[name], args.repeats)
+        report["workloads"][name] = run_workload(lib, spec, args.repeats)
     report["load_average_after"] = list(os.getloadavg())
     print_table(report)
     print(f"\n{report['device_name']}; load average before / after: {report['load_average']} / "

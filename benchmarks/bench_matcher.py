@@ -37,7 +37,7 @@ import common
 import group_detr
 from group_detr import GroupMatcher, _ext, linear_sum_assignment
 from group_detr.reference import ReferenceGroupMatcher
-from workloads import load_workloads, matcher_inputs
+from workloads import matcher_inputs, select_workloads
 
 
 def timed(fn, device, repeats, warmup):
@@ -323,11 +323,10 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     if args.quick:
         args.repeats, args.warmup = 5, 1
-    workloads = load_workloads("matcher")
-    names = args.workloads or list(workloads)
-    unknown = sorted(set(names) - set(workloads))
-    if unknown:
-        parser.error(f"unknown workloads {unknown}; known: {sorted(workloads)}")
+    try:
+        workloads = select_workloads("matcher", args.workloads)
+    except ValueError as error:
+        parser.error(str(error))
 
     report = {
         "benchmark": "matcher",
@@ -349,9 +348,9 @@ def main(argv=None):
         print("lapx is not installed (pip install lapx): its column is left out")
     if torch_linear_assignment_solver() is None:
         print("torch-linear-assignment is not installed: its column is left out")
-    for name in names:
+    for name, spec in workloads.items():
         print(f"running {name} ...", flush=True)
-        report["workloads"][name] = run_workload(name, workloads[name], device, args.repeats,
+        report["workloads"][name] = run_workload(name, spec, device, args.repeats,
                                                  args.warmup, args.threads)
     report["load_average_after"] = list(os.getloadavg())
     print_table(report)

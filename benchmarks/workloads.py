@@ -25,6 +25,17 @@ def load_workloads(section=None):
     return workloads[section] if section else workloads
 
 
+def select_workloads(section, names=None):
+    """The workloads of `section` named in `names` (all of them when empty), in that order;
+    ValueError naming the unknown ones."""
+    workloads = load_workloads(section)
+    names = names or list(workloads)
+    unknown = [n for n in names if n not in workloads]
+    if unknown:
+        raise ValueError(f"unknown workloads {unknown}; known: {sorted(workloads)}")
+    return {n: workloads[n] for n in names}
+
+
 def target_counts(spec):
     """Targets per image: COCO-like geometric counts (mean 7.3, clipped) or a fixed count."""
     if spec["targets"] == "fixed":
