@@ -16,6 +16,9 @@ positions. Writes
     python benchmarks/bench_convergence.py --groups 1 11 --seeds 0   # one seed, two K
     python benchmarks/bench_convergence.py --epochs 7      # the demo's shorter schedule
     python benchmarks/bench_convergence.py --quick         # smoke test, well under 3 minutes
+    # the paper's Table 2 in miniature: groups beside DINO's contrastive denoising
+    python benchmarks/bench_convergence.py --groups 1 3 --denoising-queries 0 12 \
+        --out benchmarks/results/denoising-cpu-2core.json
     # a diagnosis: every run starts from the backbone of a trained detector (a checkpoint of
     # `python -m group_detr demo --num-groups 1 --epochs 12 --seed 100`), at the paper's backbone lr
     python benchmarks/bench_convergence.py --epochs 12 --groups 1 11 --seeds 0 1 \
@@ -26,7 +29,10 @@ The model is the demo's (`group_detr.config.demo_config`, the easy synthetic pre
 data/synthetic-<preset> when missing) trained for the paper's 12 epochs with the lr drop at 11/12
 (the demo's 7 epochs fit its 10 minutes but leave K = 1 at AP 0.19 +- 0.04 over seeds 0, 1,
 below a working detector; 12 epochs give it 0.39 +- 0.05); only K and the seed change between
-runs. Each run has one intra-op thread and loads its data in its own
+runs. `--denoising-queries` adds a second axis, DINO's contrastive denoising with that budget
+(0 = off; `TrainConfig.denoising_queries`), and the summary then also pairs the runs by seed:
+each K against K=1 at the same denoising, each denoising budget against none at the same K.
+Each run has one intra-op thread and loads its data in its own
 process (no worker), and `--jobs` (default: one per core) runs that many at once, largest K
 first; every run seeds itself, so `--jobs` changes the wall time and nothing else.
 """
@@ -47,6 +53,7 @@ from group_detr.data.synthetic import ensure_synthetic_dataset
 from group_detr.engine import Callback, TrainingRun, build_matcher, train
 
 DEFAULT_GROUPS = (1, 2, 3, 5, 7, 11)
+DEFAULT_DENOISING = (0,)
 DEFAULT_SEEDS = (0, 1, 2)
 DEFAULT_EPOCHS = 12  # the paper's schedule (Table 1: 12 epochs); why not the demo's 7: the docstring
 DISTANCES = ("PD", "PD_first", "MD", "MD_first")
@@ -88,7 +95,8 @@ class ConvergenceRecorder(Callback):
         self.images, self.mask = images.to(run.device), mask.to(run.device)
         self.matcher = build_matcher(run.config)
         self.start = time.time()
-        self.record = {"num_groups": run.config.num_groups, "seed": run.config.seed,
+        self.record = {"num_groups": run.config.num_groups, "denoising_queries": run.config.denoising_queries,
+                       "seed": run.config.seed,
                        "steps_per_epoch": run.steps_per_epoch, "epochs": [], "distances": [self._distances(run, 0)]}
 
     def on_epoch_end(self, run: TrainingRun, record: Dict) -> None:
@@ -98,10 +106,13 @@ class ConvergenceRecorder(Callback):
             "epoch": record["epoch"], "step": record["step"], "train_time_s": record["epoch_time_s"],
             # NaN on the epochs train() does not evaluate (eval_every > 1)
             **{name: record.get(f"val_{name}", float("nan")) for name in FINAL_METRICS},
-            **{name: record.get(f"train_{name}") for name in ("loss", "loss_bbox", "loss_giou", "loss_ce")}})
+            **{name: record.get(f"train_{name}") for name in ("loss", "loss_bbox", "loss_giou", "loss_ce",
+                                                             "loss_ce_dn", "loss_bbox_dn", "loss_giou_dn",
+                                                             "denoising_layouts")
+               if f"train_{name}" in record}})
         record.update({name: distances[name] for name in DISTANCES})  # into the run's log.jsonl too
         ap = self.record["epochs"][-1]
-        self.log(f"K={run.config.num_groups:>2} seed {run.config.seed} epoch {record['epoch']}/{run.config.epochs}: "
+        self.log(f"{run_label(run.config.num_groups, run.config.denoising_queries)} seed {run.config.seed} epoch {record['epoch']}/{run.config.epochs}: "
                  f"AP {ap['AP']:.3f} AP50 {ap['AP50']:.3f}  PD {distances['PD']:.4f} MD {distances['MD']:.4f}  "
                  f"({time.time() - self.start:.0f} s)")
 
@@ -117,6 +128,15 @@ def train_and_measure(config: TrainConfig, analysis_images: int = 16, log: Calla
     return recorder.record
 
 
+def run_label(num_groups: int, denoising_queries: int) -> str:
+    """"K=3", or "K=3 dn=12" with denoising: a run's name in the summary, the plots and the logs."""
+    return f"K={num_groups}" + (f" dn={denoising_queries}" if denoising_queries else "")
+
+
+def _label(run: Dict) -> str:
+    return run_label(run["num_groups"], run.get("denoising_queries", 0))
+
+
 def _mean_spread(values: Sequence[float]) -> Dict:
     values = [v for v in values if v == v]  # drop NaN
     if not values:
@@ -126,11 +146,15 @@ def _mean_spread(values: Sequence[float]) -> Dict:
 
 
 def summarise(runs: List[Dict]) -> Dict:
-    """Per K over seeds: "AP" / "AP50" per epoch, "final" COCO metrics, "final_<distance>" and
-    "step_time_s" (training time per optimizer step), each as mean / std / min / max / n."""
+    """Per configuration (`run_label`: K, and the denoising budget where not 0) over seeds:
+    "AP" / "AP50" per epoch, "final" COCO metrics, "final_<distance>" and "step_time_s"
+    (training time per optimizer step), each as mean / std / min / max / n. Keys are str(K)
+    when no run has denoising (the format of the committed Table 1 results), labels otherwise."""
     summary = {}
-    for k in sorted({r["num_groups"] for r in runs}):
-        mine = [r for r in runs if r["num_groups"] == k]
+    with_denoising = any(r.get("denoising_queries", 0) for r in runs)
+    configs = sorted({(r.get("denoising_queries", 0), r["num_groups"]) for r in runs})
+    for dn, k in configs:
+        mine = [r for r in runs if r["num_groups"] == k and r.get("denoising_queries", 0) == dn]
         epochs = min(len(r["epochs"]) for r in mine)
         entry = {metric: [_mean_spread([r["epochs"][e][metric] for r in mine]) for e in range(epochs)]
                  for metric in ("AP", "AP50")}
@@ -140,8 +164,30 @@ def summarise(runs: List[Dict]) -> Dict:
             entry[f"final_{name}"] = _mean_spread([r["distances"][-1][name] for r in mine])
         entry["step_time_s"] = _mean_spread([e["train_time_s"] / r["steps_per_epoch"] for r in mine
                                              for e in r["epochs"]])
-        summary[str(k)] = entry
+        summary[run_label(k, dn) if with_denoising else str(k)] = entry
     return summary
+
+
+def paired_gains(runs: List[Dict]) -> Dict:
+    """Final-AP differences paired by seed between configurations that differ in one factor:
+    "K=3 - K=1" at every denoising budget, "dn=12 - dn=0" at every K. Each: the per-seed
+    differences, their mean / std / min / max, and in how many seeds the first is ahead."""
+    final = {(r["num_groups"], r.get("denoising_queries", 0), r["seed"]): r["epochs"][-1]["AP"] for r in runs}
+    groups = sorted({k for k, _, _ in final})
+    budgets = sorted({dn for _, dn, _ in final})
+    seeds = sorted({s for _, _, s in final})
+    pairs = [((k, dn), (groups[0], dn), f"{run_label(k, dn)} - {run_label(groups[0], dn)}")
+             for dn in budgets for k in groups[1:]]
+    pairs += [((k, dn), (k, budgets[0]), f"{run_label(k, dn)} - {run_label(k, budgets[0])}")
+              for k in groups for dn in budgets[1:]]
+    gains = {}
+    for (k_a, dn_a), (k_b, dn_b), name in pairs:
+        differences = {str(s): final[(k_a, dn_a, s)] - final[(k_b, dn_b, s)] for s in seeds
+                       if (k_a, dn_a, s) in final and (k_b, dn_b, s) in final}
+        if differences:
+            gains[name] = {"per_seed": differences, **_mean_spread(list(differences.values())),
+                           "ahead": sum(d > 0 for d in differences.values())}
+    return gains
 
 
 def _train_and_measure_job(config: TrainConfig, analysis_images: int) -> Dict:
@@ -149,11 +195,14 @@ def _train_and_measure_job(config: TrainConfig, analysis_images: int) -> Dict:
 
 
 def run_convergence(config: TrainConfig, groups: Sequence[int] = DEFAULT_GROUPS, seeds: Sequence[int] = (0,),
-                    analysis_images: int = 16, log: Callable[[str], None] = print, jobs: int = 1) -> Dict:
-    """The benchmark's core: every (seed, K) run with everything else fixed; returns the results dict."""
-    run_configs = [dataclasses.replace(config, num_groups=int(k), seed=int(seed),
-                                       output_dir=os.path.join(config.output_dir, f"K{k}-seed{seed}"))
-                   for seed in seeds for k in groups]
+                    analysis_images: int = 16, log: Callable[[str], None] = print, jobs: int = 1,
+                    denoising: Sequence[int] = DEFAULT_DENOISING) -> Dict:
+    """The benchmark's core: every (seed, K, denoising budget) run with everything else fixed;
+    returns the results dict."""
+    run_configs = [dataclasses.replace(config, num_groups=int(k), seed=int(seed), denoising_queries=int(dn),
+                                       output_dir=os.path.join(config.output_dir,
+                                                               f"K{k}" + (f"-dn{dn}" if dn else "") + f"-seed{seed}"))
+                   for seed in seeds for dn in denoising for k in groups]
     if jobs <= 1:
         runs = [train_and_measure(c, analysis_images=analysis_images, log=log) for c in run_configs]
     else:
@@ -163,14 +212,21 @@ def run_convergence(config: TrainConfig, groups: Sequence[int] = DEFAULT_GROUPS,
         from concurrent.futures import ProcessPoolExecutor
 
         # Largest K first: its runs take longest, so the pool's last minutes are not one long run alone.
-        order = sorted(range(len(run_configs)), key=lambda i: -run_configs[i].num_groups)
+        order = sorted(range(len(run_configs)),
+                       key=lambda i: (-run_configs[i].num_groups, -run_configs[i].denoising_queries))
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = {i: pool.submit(_train_and_measure_job, run_configs[i], analysis_images) for i in order}
             runs = [futures[i].result() for i in range(len(run_configs))]
-    fixed = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("num_groups", "seed", "output_dir")}
-    return {"groups": [int(k) for k in groups], "seeds": [int(s) for s in seeds],
-            "config": {k: list(v) if isinstance(v, tuple) else v for k, v in fixed.items()},
-            "runs": runs, "summary": summarise(runs)}
+    varied = ("num_groups", "seed", "output_dir", "denoising_queries")
+    fixed = {k: v for k, v in dataclasses.asdict(config).items() if k not in varied}
+    results = {"groups": [int(k) for k in groups], "seeds": [int(s) for s in seeds],
+               "config": {k: list(v) if isinstance(v, tuple) else v for k, v in fixed.items()},
+               "runs": runs, "summary": summarise(runs)}
+    if any(denoising):
+        results["denoising_queries"] = [int(dn) for dn in denoising]
+    if len(runs) > 1:
+        results["paired_gains"] = paired_gains(runs)
+    return results
 
 
 def plot(results: Dict, path: str) -> Optional[str]:
@@ -185,7 +241,7 @@ def plot(results: Dict, path: str) -> Optional[str]:
         for ax, metric in ((ax_ap, "AP"), (ax_ap50, "AP50")):
             mean = [s["mean"] for s in summary[metric]]
             std = [s["std"] for s in summary[metric]]
-            line, = ax.plot(epochs, mean, marker="o", label=f"K={k}")
+            line, = ax.plot(epochs, mean, marker="o", label=k if k.startswith("K=") else f"K={k}")
             if len(results["seeds"]) > 1:
                 ax.fill_between(epochs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                                 color=line.get_color(), alpha=0.2)
@@ -193,9 +249,9 @@ def plot(results: Dict, path: str) -> Optional[str]:
         if run["seed"] != results["seeds"][0] or run["num_groups"] < 2:
             continue  # PD and MD need two groups
         steps = [d["step"] for d in run["distances"]]
-        line, = ax_dist.plot(steps, [d["MD"] for d in run["distances"]], marker="o", label=f"MD K={run['num_groups']}")
+        line, = ax_dist.plot(steps, [d["MD"] for d in run["distances"]], marker="o", label=f"MD {_label(run)}")
         ax_dist.plot(steps, [d["PD"] for d in run["distances"]], color=line.get_color(), linestyle="--",
-                     marker=".", label=f"PD K={run['num_groups']}")
+                     marker=".", label=f"PD {_label(run)}")
     for ax, title in ((ax_ap, "COCO AP vs epoch"), (ax_ap50, "AP50 vs epoch")):
         ax.set_xlabel("epoch")
         ax.set_title(title)
@@ -227,9 +283,10 @@ def parse_overrides(items: Sequence[str]) -> Dict:
     overrides = {}
     for item in items:
         name, sep, text = item.partition("=")
-        if not sep or not hasattr(defaults, name) or name in ("num_groups", "seed"):
-            raise SystemExit(f"--set expects FIELD=VALUE with a TrainConfig field other than "
-                             f"num_groups and seed (use --groups / --seeds), got {item!r}")
+        if not sep or not hasattr(defaults, name) or name in ("num_groups", "seed", "denoising_queries"):
+            raise SystemExit(f"--set expects FIELD=VALUE with a TrainConfig field other than num_groups, "
+                             f"seed and denoising_queries (use --groups / --seeds / --denoising-queries), "
+                             f"got {item!r}")
         current = getattr(defaults, name)
         if isinstance(current, bool):
             value = text.lower() in ("1", "true", "yes")
@@ -252,6 +309,8 @@ def parse_overrides(items: Sequence[str]) -> Dict:
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--groups", type=int, nargs="+", default=list(DEFAULT_GROUPS), help="values of K")
+    parser.add_argument("--denoising-queries", type=int, nargs="+", default=list(DEFAULT_DENOISING),
+                        help="denoising budgets (TrainConfig.denoising_queries; 0 = off)")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS),
                         help="seeds (mean and spread over them)")
     parser.add_argument("--epochs", type=int, default=None, help="override the schedule's epochs")
@@ -285,8 +344,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     machine = common.machine_name(torch.device("cpu"))
     out = args.out or common.results_path("convergence", machine, quick=args.quick)
     start = time.time()
-    jobs = args.jobs or min(len(os.sched_getaffinity(0)), len(groups) * len(seeds))
-    results = run_convergence(config, groups, seeds, analysis_images, jobs=jobs)
+    denoising = args.denoising_queries
+    jobs = args.jobs or min(len(os.sched_getaffinity(0)), len(groups) * len(seeds) * len(denoising))
+    results = run_convergence(config, groups, seeds, analysis_images, jobs=jobs, denoising=denoising)
     results.update({**common.environment(torch.device("cpu")), "quick": args.quick, "jobs": jobs,
                     "wall_s": round(time.time() - start, 1)})
     stem = os.path.splitext(out)[0]
@@ -297,11 +357,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     print(f"\nfinal epoch, mean over {len(seeds)} seed(s):")
     for k, s in results["summary"].items():
         final = s["final"]
-        print(f"  K={k:>2}: AP {final['AP']['mean']:.3f} (std {final['AP']['std']:.3f})  "
+        print(f"  {k if k.startswith('K=') else 'K=' + k:>10}: AP {final['AP']['mean']:.3f} (std {final['AP']['std']:.3f})  "
               f"AP50 {final['AP50']['mean']:.3f}  AP_s/m/l {final['AP_small']['mean']:.3f}/"
               f"{final['AP_medium']['mean']:.3f}/{final['AP_large']['mean']:.3f}  "
               f"PD {s['final_PD']['mean']:.4f}  MD {s['final_MD']['mean']:.4f}  "
               f"step {s['step_time_s']['mean'] * 1e3:.0f} ms")
+    for name, gain in results.get("paired_gains", {}).items():
+        print(f"  {name}: {gain['mean']:+.3f} (std {gain['std']:.3f}, ahead in {gain['ahead']}/{gain['n']} seeds)")
     print(f"done in {results['wall_s']:.0f} s")
     return results
 

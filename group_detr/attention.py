@@ -49,13 +49,22 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, layout: QueryLayout, dropo
                      scale: Optional[float] = None, mask: Optional[Tensor] = None) -> Tensor:
     """Dense boolean mask + SDPA. q, k, v `(B, H, L, D)` -> `(B, H, L, D)`.
 
-    `mask` is `layout.dense_mask()` (True = may attend); pass it to reuse one mask across calls
-    (decoder layers), as DETR codebases do.
+    `mask` is `layout.dense_mask()` (True = may attend); by default the cached one
+    (`dense_mask`), built once per layout and device as DETR codebases build theirs once per step.
     """
     if mask is None:
-        mask = layout.dense_mask(q.device)
+        mask = dense_mask(layout, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
                                           scale=scale)
+
+
+@functools.lru_cache(maxsize=16)
+def dense_mask(layout: QueryLayout, device: torch.device) -> Tensor:
+    """`layout.dense_mask(device)`, cached per (layout, device): with denoising the layout changes
+    from batch to batch (DINO's dynamic groups) but takes few values, and building an (L, L)
+    mask for every decoder layer of every step is what the cache saves. 16 entries: L*L bytes
+    each (1 MB at L = 1000)."""
+    return layout.dense_mask(device)
 
 
 def folded_attention(q: Tensor, k: Tensor, v: Tensor, layout: QueryLayout, dropout_p: float = 0.0,
@@ -134,7 +143,7 @@ def _reference_probs(q, k, layout, scale, lse=None):
     """Masked softmax probabilities in float32 (float64 for float64 inputs), and the row lse."""
     compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     scores = torch.matmul(q.to(compute_dtype), k.to(compute_dtype).transpose(-2, -1)) * scale
-    scores = scores.masked_fill(~layout.dense_mask(q.device), float("-inf"))
+    scores = scores.masked_fill(~dense_mask(layout, q.device), float("-inf"))
     if lse is None:
         lse = torch.logsumexp(scores, dim=-1)
     # every segment sees itself, so no row is fully masked and lse is finite

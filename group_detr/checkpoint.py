@@ -17,13 +17,13 @@ CHECKPOINT_FORMAT = "group-detr-checkpoint-v1"
 CHECKPOINT_NAME = "checkpoint.pth"
 # Fields that fix the model's parameters: a checkpoint only loads into the same values.
 MODEL_FIELDS = ("backbone", "small_widths", "small_norm", "hidden_dim", "nheads", "enc_layers", "dec_layers",
-                "dim_feedforward", "num_queries", "num_groups")
+                "dim_feedforward", "num_queries", "num_groups", "denoising_queries")
 # Fields a resumed run may change: where the files are, how it runs and reports, and `epochs`
 # (extending a run; the lr drop then moves with it). Every other field decides what the run
 # learns, so resuming with another value would silently mix two runs.
 RESUMABLE_FIELDS = ("data_dir", "val_split", "eval_size", "max_val_images", "output_dir", "device",
                     "num_workers", "num_threads", "eval_every", "print_freq", "num_vis_images", "resume",
-                    "epochs", "backbone_weights")
+                    "epochs", "backbone_weights", "attention_backend")
 
 
 def save_checkpoint(state: Dict, path: str) -> None:

@@ -101,6 +101,16 @@ class TrainConfig:
     bbox_loss_coef: float = 5.0
     giou_loss_coef: float = 2.0
     focal_alpha: float = 0.25
+    # contrastive query denoising beside the groups (DINO's CDN; group_detr.models.denoising).
+    # DINO's own values: 100 (its dn_number), 0.5, 1.0 (its training commands; 0.4 in its
+    # config file), contrastive. 0 queries: no denoising (the paper's Conditional DETR runs).
+    denoising_queries: int = 0  # budget: G = max(1, denoising_queries // most targets in the batch) groups
+    denoising_label_noise: float = 0.5  # twice the probability that a denoising label is flipped
+    denoising_box_noise: float = 1.0  # corner noise in half box sides (positives < 1x, negatives 1-2x)
+    denoising_contrastive: bool = True  # negatives beside the positives (DINO); False: DN-DETR's positives only
+    # decoder self-attention backend, one of group_detr.attention.BACKENDS (checked where the
+    # model is built); "auto" picks per device
+    attention_backend: str = "auto"
     # optimisation (AdamW; the lr drops by 10x after lr_drop_fraction of the schedule)
     lr: float = 1e-4
     lr_backbone: float = 1e-5
@@ -139,6 +149,12 @@ class TrainConfig:
             raise ValueError(f"config.backbone must be 'small' or 'resnet50', got {self.backbone!r}")
         if not self.train_scales:
             raise ValueError("config.train_scales must not be empty")
+        check_denoising_settings(self.denoising_queries, self.denoising_label_noise, self.denoising_box_noise,
+                                 "config.")
+        if self.denoising_queries and self.attention_backend == "folded":
+            raise ValueError("config.attention_backend='folded' cannot hold the denoising prefix of "
+                             f"config.denoising_queries={self.denoising_queries} (folding groups into the batch "
+                             "needs equal groups): use 'auto', 'masked', 'triton' or 'flex'")
         if self.synthetic is not None and self.synthetic not in SYNTHETIC_PRESETS:
             raise ValueError(f"config.synthetic must be None or one of {sorted(SYNTHETIC_PRESETS)}, "
                              f"got {self.synthetic!r}")
@@ -215,3 +231,16 @@ def config_from_dict(values: Dict) -> TrainConfig:
             value = values[f.name]
             kwargs[f.name] = tuple(value) if isinstance(value, list) else value
     return TrainConfig(**kwargs)
+
+
+def check_denoising_settings(denoising_queries, label_noise_ratio, box_noise_scale, prefix: str) -> None:
+    """ValueError naming the setting (`prefix` + name) that is out of range."""
+    if isinstance(denoising_queries, bool) or not isinstance(denoising_queries, int) or denoising_queries < 0:
+        raise ValueError(f"{prefix}denoising_queries must be an int >= 0 (0: no denoising), "
+                         f"got {denoising_queries!r}")
+    if not 0.0 <= label_noise_ratio <= 1.0:
+        raise ValueError(f"{prefix}denoising_label_noise must be in [0, 1] (twice the probability "
+                         f"of a flipped label), got {label_noise_ratio!r}")
+    if not 0.0 <= box_noise_scale <= 1.0:
+        raise ValueError(f"{prefix}denoising_box_noise must be in [0, 1] (above 1 a positive "
+                         f"query's box may turn inside out), got {box_noise_scale!r}")

@@ -46,7 +46,10 @@ def build_model(config: TrainConfig, num_classes: int) -> GroupDETR:
         num_classes, num_groups=config.num_groups, num_queries=config.num_queries, backbone=config.backbone,
         backbone_weights=config.backbone_weights, hidden_dim=config.hidden_dim, nheads=config.nheads,
         enc_layers=config.enc_layers, dec_layers=config.dec_layers, dim_feedforward=config.dim_feedforward,
-        dropout=config.dropout, small_widths=config.small_widths, small_norm=config.small_norm)
+        dropout=config.dropout, small_widths=config.small_widths, small_norm=config.small_norm,
+        attention_backend=config.attention_backend, denoising_queries=config.denoising_queries,
+        denoising_label_noise=config.denoising_label_noise, denoising_box_noise=config.denoising_box_noise,
+        denoising_contrastive=config.denoising_contrastive)
 
 
 def build_matcher(config: TrainConfig) -> GroupMatcher:
@@ -57,10 +60,11 @@ def build_matcher(config: TrainConfig) -> GroupMatcher:
 
 
 def build_criterion(config: TrainConfig, num_classes: int) -> SetCriterion:
+    denoising = config.denoising_queries > 0
     weights = default_weight_dict(config.dec_layers, config.cls_loss_coef, config.bbox_loss_coef,
-                                  config.giou_loss_coef)
+                                  config.giou_loss_coef, denoising)
     return SetCriterion(num_classes, build_matcher(config), weights, queries_per_group=config.num_queries,
-                        focal_alpha=config.focal_alpha)
+                        focal_alpha=config.focal_alpha, denoising=denoising)
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -170,14 +174,18 @@ def _to_device(images, mask, targets, device):
 
 def train_one_epoch(model: nn.Module, criterion: SetCriterion, loader: DataLoader, optimizer: torch.optim.Optimizer,
                     lr_scheduler, device: torch.device, epoch: int, config: TrainConfig) -> Dict[str, float]:
-    """One pass over `loader`; the scheduler steps every iteration. Returns mean losses (over ranks)."""
+    """One pass over `loader`; the scheduler steps every iteration. Returns mean losses (over ranks)
+    and, with denoising, `denoising_layouts`: how many distinct query layouts the epoch ran."""
     model.train()
     criterion.train()
     sums: Dict[str, torch.Tensor] = {}
     progress = Progress(len(loader), f"epoch {epoch + 1}/{config.epochs}", config.print_freq)
+    layouts = set()  # (denoising groups, their size): one attention layout each
     for step, (images, mask, targets) in enumerate(loader):
         images, mask, targets = _to_device(images, mask, targets, device)
-        outputs = model(images, mask)
+        outputs = model(images, mask, targets)
+        if "dn_meta" in outputs:
+            layouts.add((outputs["dn_meta"]["num_groups"], outputs["dn_meta"]["group_size"]))
         losses = criterion(outputs, targets)
         loss = criterion.weighted_sum(losses)
         if not torch.isfinite(loss):
@@ -195,7 +203,10 @@ def train_one_epoch(model: nn.Module, criterion: SetCriterion, loader: DataLoade
         progress.update(step, {"loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]})
     keys = sorted(sums)
     means = distributed.all_reduce_mean(torch.stack([sums[k] for k in keys]) / max(len(loader), 1))
-    return {k: float(v) for k, v in zip(keys, means)}
+    result = {k: float(v) for k, v in zip(keys, means)}
+    if config.denoising_queries:
+        result["denoising_layouts"] = len(layouts)
+    return result
 
 
 # --------------------------------------------------------------------------------------------
@@ -304,7 +315,10 @@ def _train(config: TrainConfig, info: distributed.DistInfo, log: Callable[[str],
     log_path = os.path.join(config.output_dir, "log.jsonl")
     model = model_without_ddp
     if info.distributed:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # a rank whose batch has no target runs no denoising query, so the denoising parameters
+        # get no gradient there in that step
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                    find_unused_parameters=config.denoising_queries > 0)
     num_params = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
     log(f"training Group DETR: K={config.num_groups} groups x N={config.num_queries} queries, "
         f"{num_classes} classes, {num_params / 1e6:.2f}M trainable parameters, {len(run.train_set)} train / "

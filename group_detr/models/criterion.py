@@ -5,6 +5,12 @@ positives; the losses of all groups are summed and normalised by num_boxes * K (
 Sec. 3.2), with num_boxes averaged over DDP processes so every rank uses the same scale.
 The matching of all decoder layers (and all groups) is one GroupMatcher call: the layers are
 stacked along the batch dimension, which the matcher treats as independent images.
+
+Denoising (DINO's CDN, `group_detr.models.denoising`): the denoising queries need no matching,
+each positive is supervised by the target it was made from (focal + L1 + GIoU), every other
+denoising query (the contrastive negatives and the empty slots) by "no object" in the focal
+loss, on every decoder layer, normalised by num_boxes * G for G denoising groups (DINO), and
+added to the K groups' losses as loss_ce_dn, loss_bbox_dn, loss_giou_dn (and `_{i}`).
 """
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -14,6 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from group_detr.box_ops import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
+from group_detr.models.denoising import denoising_indices
+
+LOSS_NAMES = ("loss_ce", "loss_bbox", "loss_giou")
 
 
 def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
@@ -27,13 +36,18 @@ def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: float = 0.25, gam
     return loss.sum()
 
 
+def layer_keys(name: str, num_decoder_layers: int) -> List[str]:
+    """`name` for the last layer, then `name_{i}` for auxiliary layer i."""
+    return [name] + [f"{name}_{i}" for i in range(num_decoder_layers - 1)]
+
+
 def default_weight_dict(num_decoder_layers: int, cls: float = 2.0, bbox: float = 5.0,
-                        giou: float = 2.0) -> Dict[str, float]:
-    """Loss weights of Conditional / Group DETR, repeated for the auxiliary layers."""
-    weights = {"loss_ce": cls, "loss_bbox": bbox, "loss_giou": giou}
-    for i in range(num_decoder_layers - 1):
-        weights.update({f"{k}_{i}": v for k, v in list(weights.items())[:3]})
-    return weights
+                        giou: float = 2.0, denoising: bool = False) -> Dict[str, float]:
+    """Loss weights of Conditional / Group DETR, repeated for the auxiliary layers; with
+    denoising the same weights for the denoising losses (DINO)."""
+    suffixes = ("", "_dn") if denoising else ("",)
+    return {key: weight for suffix in suffixes for name, weight in zip(LOSS_NAMES, (cls, bbox, giou))
+            for key in layer_keys(name + suffix, num_decoder_layers)}
 
 
 class SetCriterion(nn.Module):
@@ -42,7 +56,9 @@ class SetCriterion(nn.Module):
     outputs: the detector's dict, `pred_logits` `(B, K*N, C)`, `pred_boxes` `(B, K*N, 4)` and
     optionally `aux_outputs`; K is read from the number of queries (K*N in training, N in eval).
     targets: list of B dicts with `labels` `(M_i,)` int64 and `boxes` `(M_i, 4)` cxcywh.
-    Loss keys: loss_ce, loss_bbox, loss_giou for the last layer and loss_*_{i} for aux layer i.
+    Loss keys: loss_ce, loss_bbox, loss_giou for the last layer and loss_*_{i} for aux layer i;
+    with `denoising=True` also loss_*_dn (and loss_*_dn_{i}) from `outputs["dn_outputs"]`, zero
+    for a batch without targets (which has no denoising queries).
 
     The targets are validated once, by the matcher before matching (`GroupMatcher.validate`,
     the one knob): the criterion adds no check of its own. With a matcher built with
@@ -51,8 +67,10 @@ class SetCriterion(nn.Module):
     """
 
     def __init__(self, num_classes: int, matcher: nn.Module, weight_dict: Dict[str, float],
-                 queries_per_group: int, focal_alpha: float = 0.25, focal_gamma: float = 2.0):
+                 queries_per_group: int, focal_alpha: float = 0.25, focal_gamma: float = 2.0,
+                 denoising: bool = False):
         super().__init__()
+        self.denoising = denoising
         self.num_classes = num_classes
         self.matcher = matcher
         self.weight_dict = dict(weight_dict)
@@ -67,14 +85,19 @@ class SetCriterion(nn.Module):
             raise ValueError(f"{total_queries} queries are not a whole number of groups of {self.queries_per_group}")
         return total_queries // self.queries_per_group
 
-    def normaliser(self, targets: Sequence[Dict], num_groups: int, device) -> Tensor:
-        """num_boxes (averaged over processes, at least 1) * K."""
+    @staticmethod
+    def num_boxes(targets: Sequence[Dict], device) -> Tensor:
+        """The number of target boxes, averaged over processes, at least 1."""
         # torch.full writes on the device; torch.tensor(x, device=cuda) would be a blocking copy.
         num_boxes = torch.full((), float(sum(len(t["labels"]) for t in targets)), device=device)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(num_boxes)
             num_boxes = num_boxes / dist.get_world_size()
-        return num_boxes.clamp(min=1.0) * num_groups
+        return num_boxes.clamp(min=1.0)
+
+    def normaliser(self, targets: Sequence[Dict], num_groups: int, device) -> Tensor:
+        """num_boxes (averaged over processes, at least 1) * K."""
+        return self.num_boxes(targets, device) * num_groups
 
     def layer_losses(self, outputs: Dict, targets: Sequence[Dict], indices: List[Tuple[Tensor, Tensor]],
                      normaliser: Tensor) -> Dict[str, Tensor]:
@@ -105,13 +128,37 @@ class SetCriterion(nn.Module):
             "pred_boxes": torch.cat([layer["pred_boxes"] for layer in layers]).detach(),
         }
         all_indices = self.matcher(stacked, list(targets) * len(layers), num_groups=num_groups)
-        normaliser = self.normaliser(targets, num_groups, outputs["pred_logits"].device)
+        num_boxes = self.num_boxes(targets, outputs["pred_logits"].device)
         batch = len(targets)
-        losses = self.layer_losses(outputs, targets, all_indices[:batch], normaliser)
-        for i, aux in enumerate(layers[1:]):
-            aux_losses = self.layer_losses(aux, targets, all_indices[(i + 1) * batch:(i + 2) * batch], normaliser)
-            losses.update({f"{k}_{i}": v for k, v in aux_losses.items()})
+        losses = self.all_layer_losses(
+            layers, targets, [all_indices[i * batch:(i + 1) * batch] for i in range(len(layers))],
+            num_boxes * num_groups, "")
+        if self.denoising:
+            losses.update(self.denoising_losses(outputs, targets, num_boxes, len(layers)))
         return losses
+
+    def all_layer_losses(self, layers: Sequence[Dict], targets: Sequence[Dict],
+                         indices: Sequence[List[Tuple[Tensor, Tensor]]], normaliser: Tensor,
+                         suffix: str) -> Dict[str, Tensor]:
+        """The three losses of every layer (the last first, then aux layer i as `_{i}`)."""
+        losses = {}
+        for i, (layer, layer_indices) in enumerate(zip(layers, indices)):
+            layer_suffix = suffix if i == 0 else f"{suffix}_{i - 1}"
+            for k, v in self.layer_losses(layer, targets, layer_indices, normaliser).items():
+                losses[k + layer_suffix] = v
+        return losses
+
+    def denoising_losses(self, outputs: Dict, targets: Sequence[Dict], num_boxes: Tensor,
+                         num_layers: int) -> Dict[str, Tensor]:
+        """loss_*_dn of every layer: each positive against the target it was made from."""
+        if "dn_outputs" not in outputs:  # a batch without targets has no denoising queries
+            zero = outputs["pred_logits"].new_zeros(())
+            return {key: zero for name in LOSS_NAMES for key in layer_keys(name + "_dn", num_layers)}
+        dn_outputs, meta = outputs["dn_outputs"], outputs["dn_meta"]
+        dn_layers = [dn_outputs] + list(dn_outputs.get("aux_outputs", []))
+        indices = denoising_indices(meta, targets)
+        return self.all_layer_losses(dn_layers, targets, [indices] * len(dn_layers),
+                                     num_boxes * meta["num_groups"], "_dn")
 
     def weighted_sum(self, losses: Dict[str, Tensor]) -> Tensor:
         return sum(losses[k] * self.weight_dict[k] for k in losses if k in self.weight_dict)

@@ -3,15 +3,18 @@
 Training runs K groups of N queries (K*N query embeddings, decoder self-attention restricted
 to each group through a `QueryLayout`); `eval()` runs the first N queries with ordinary
 self-attention, so the exported model is a plain Conditional DETR and no group code runs.
+With a `ContrastiveDenoising` module, training also runs DINO's denoising queries in front of the
+K groups (`group_detr.models.denoising`); eval runs none.
 """
 import math
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from group_detr.layout import QueryLayout
 from group_detr.models.backbone import Joiner, build_backbone
+from group_detr.models.denoising import ContrastiveDenoising, DenoisingQueries
 from group_detr.models.transformer import MLP, Transformer
 
 
@@ -21,9 +24,13 @@ class GroupDETR(nn.Module):
     * `pred_logits` `(B, Q, num_classes)`: class logits (sigmoid / focal, no "no object" class),
     * `pred_boxes` `(B, Q, 4)`: normalised cxcywh,
     * `aux_outputs`: the same two for every decoder layer but the last (when aux_loss),
+    * with denoising, in training: `dn_outputs`, the same three for the D denoising queries
+      (`pred_logits` `(B, D, num_classes)`, ...), and `dn_meta` (plain ints: num_groups,
+      max_targets, group_size) for the criterion; absent when the batch has no target,
 
     where Q = num_groups * num_queries in training and num_queries in eval. Group g's queries are
-    the slice [g*N, (g+1)*N), the format GroupMatcher expects.
+    the slice [g*N, (g+1)*N), the format GroupMatcher expects. With denoising, training needs
+    the targets: `forward(images, mask, targets)`.
 
     For analysis (paper Sec. 3.3): `reference_points()` gives every query's normalised position,
     `forward_all_groups()` runs all K groups whatever the mode, optionally with other query
@@ -31,7 +38,8 @@ class GroupDETR(nn.Module):
     """
 
     def __init__(self, backbone: Joiner, transformer: Transformer, num_classes: int,
-                 num_queries: int = 300, num_groups: int = 11, aux_loss: bool = True):
+                 num_queries: int = 300, num_groups: int = 11, aux_loss: bool = True,
+                 denoising: Optional[ContrastiveDenoising] = None):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
@@ -55,6 +63,7 @@ class GroupDETR(nn.Module):
         nn.init.zeros_(self.bbox_embed.layers[-1].weight)
         nn.init.zeros_(self.bbox_embed.layers[-1].bias)
         self.layout = QueryLayout(num_groups=num_groups, queries_per_group=num_queries)
+        self.denoising = denoising
 
     def active_queries(self) -> int:
         """Queries this forward will run: K*N in training, N in eval."""
@@ -68,7 +77,16 @@ class GroupDETR(nn.Module):
             query_embed = self.query_embed.weight
         return self.transformer.decoder.reference_logits(query_embed).sigmoid()
 
-    def forward(self, images: Tensor, mask: Optional[Tensor] = None) -> Dict:
+    def forward(self, images: Tensor, mask: Optional[Tensor] = None,
+                targets: Optional[Sequence[Dict]] = None) -> Dict:
+        if self.training and self.denoising is not None:
+            if targets is None:
+                raise ValueError("a GroupDETR with denoising needs the targets in training: "
+                                 "call model(images, mask, targets)")
+            queries = self.denoising(targets, images.shape[0])
+            if queries is not None:
+                return self._forward(images, mask, self.query_embed.weight,
+                                     queries.layout(self.num_groups, self.num_queries), queries)
         if self.training and self.num_groups > 1:
             return self._forward(images, mask, self.query_embed.weight, self.layout)
         # Inference keeps group 0 only; with layout=None no group code runs.
@@ -87,18 +105,33 @@ class GroupDETR(nn.Module):
         return self._forward(images, mask, query_embed, self.layout if self.num_groups > 1 else None)
 
     def _forward(self, images: Tensor, mask: Optional[Tensor], query_embed: Tensor,
-                 layout: Optional[QueryLayout]) -> Dict:
+                 layout: Optional[QueryLayout], denoising: Optional[DenoisingQueries] = None) -> Dict:
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
         if mask is None:
             mask = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool, device=images.device)
         features, mask, pos = self.backbone(images, mask)
-        hs, reference_unsigmoid = self.transformer(self.input_proj(features), mask, query_embed, pos, layout)
+        prefix = None
+        if denoising is not None:
+            prefix = (denoising.content, denoising.query_pos, denoising.reference_unsigmoid)
+        hs, reference_unsigmoid = self.transformer(self.input_proj(features), mask, query_embed, pos, layout,
+                                                   prefix)
         # hs (L, B, Q, d); box centres are offsets from the reference points, in logit space.
         box_offsets = self.bbox_embed(hs)
         centres = box_offsets[..., :2] + reference_unsigmoid
         boxes = torch.cat((centres, box_offsets[..., 2:]), dim=-1).sigmoid()
         logits = self.class_embed(hs)
+        if denoising is None:
+            return self._outputs(logits, boxes)
+        # the denoising prefix comes first (QueryLayout's order)
+        num_dn = denoising.num_queries
+        out = self._outputs(logits[:, :, num_dn:], boxes[:, :, num_dn:])
+        out["dn_outputs"] = self._outputs(logits[:, :, :num_dn], boxes[:, :, :num_dn])
+        out["dn_meta"] = denoising.meta()
+        return out
+
+    def _outputs(self, logits: Tensor, boxes: Tensor) -> Dict:
+        """The output dict of `(layers, B, Q, C)` logits and `(layers, B, Q, 4)` boxes."""
         out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
         if self.aux_loss:
             out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
@@ -109,13 +142,23 @@ def build_group_detr(num_classes: int, num_groups: int = 11, num_queries: int = 
                      backbone_weights: Optional[str] = None, hidden_dim: int = 256, nheads: int = 8,
                      enc_layers: int = 6, dec_layers: int = 6, dim_feedforward: int = 2048,
                      dropout: float = 0.1, aux_loss: bool = True,
-                     small_widths=(32, 64, 128, 256), small_norm: str = "batch") -> GroupDETR:
+                     small_widths=(32, 64, 128, 256), small_norm: str = "batch",
+                     attention_backend: str = "auto", denoising_queries: int = 0,
+                     denoising_label_noise: float = 0.5, denoising_box_noise: float = 1.0,
+                     denoising_contrastive: bool = True) -> GroupDETR:
     """Build a Group DETR with Conditional DETR's defaults (d=256, 8 heads, 6+6 layers).
 
     backbone: "resnet50" (the paper's; load ImageNet weights with backbone_weights=PATH) or
     "small" (a from-scratch CNN of stride 2**len(small_widths), small_norm "batch" or "group",
-    for the synthetic data and tests).
+    for the synthetic data and tests). attention_backend: the decoder self-attention's
+    (`group_detr.attention.BACKENDS`). denoising_queries > 0 adds DINO's contrastive denoising
+    with that budget and the three noise settings (`ContrastiveDenoising`).
     """
     joiner = build_backbone(backbone, hidden_dim, backbone_weights, small_widths, small_norm)
-    transformer = Transformer(hidden_dim, nheads, enc_layers, dec_layers, dim_feedforward, dropout)
-    return GroupDETR(joiner, transformer, num_classes, num_queries, num_groups, aux_loss)
+    transformer = Transformer(hidden_dim, nheads, enc_layers, dec_layers, dim_feedforward, dropout,
+                              attention_backend)
+    denoising = None
+    if denoising_queries:
+        denoising = ContrastiveDenoising(num_classes, hidden_dim, denoising_queries, denoising_label_noise,
+                                         denoising_box_noise, denoising_contrastive)
+    return GroupDETR(joiner, transformer, num_classes, num_queries, num_groups, aux_loss, denoising)

@@ -116,13 +116,14 @@ class ConditionalCrossAttention(nn.Module):
 class ConditionalDecoderLayer(nn.Module):
     """Grouped self-attention, conditional cross-attention, FFN; post-norm."""
 
-    def __init__(self, d_model: int, nhead: int, dim_feedforward: int, dropout: float, is_first: bool):
+    def __init__(self, d_model: int, nhead: int, dim_feedforward: int, dropout: float, is_first: bool,
+                 attention_backend: str = "auto"):
         super().__init__()
         if d_model % nhead:
             raise ValueError(f"d_model={d_model} must be divisible by nhead={nhead}")
         self.nhead = nhead
         self.is_first = is_first
-        self.self_attn = GroupedSelfAttention(d_model, nhead, dropout=dropout)
+        self.self_attn = GroupedSelfAttention(d_model, nhead, dropout=dropout, backend=attention_backend)
         self.ca_qcontent_proj = nn.Linear(d_model, d_model)
         # Only the first layer adds the learned query embedding to the content query; later
         # layers get their position only through the conditional spatial query.
@@ -174,15 +175,19 @@ class ConditionalDecoderLayer(nn.Module):
 class ConditionalDecoder(nn.Module):
     """Predicts reference points from the query embeddings and runs the layers.
 
-    Returns the normed output of every layer `(num_layers, Q, B, d)` and the reference points
-    before the sigmoid `(Q, B, 2)` (the box head adds its centre offsets to them).
+    Returns the normed output of every layer `(num_layers, Q, B, d)`; the reference points
+    before the sigmoid `(Q, B, 2)` (the box head adds its centre offsets to them) are the
+    caller's: `reference_logits(query_pos)` for learned queries, a noised box's centre for a
+    denoising query.
     """
 
-    def __init__(self, d_model: int, nhead: int, num_layers: int, dim_feedforward: int, dropout: float):
+    def __init__(self, d_model: int, nhead: int, num_layers: int, dim_feedforward: int, dropout: float,
+                 attention_backend: str = "auto"):
         super().__init__()
         self.d_model = d_model
         self.layers = nn.ModuleList(
-            ConditionalDecoderLayer(d_model, nhead, dim_feedforward, dropout, is_first=(i == 0))
+            ConditionalDecoderLayer(d_model, nhead, dim_feedforward, dropout, is_first=(i == 0),
+                                    attention_backend=attention_backend)
             for i in range(num_layers))
         self.norm = nn.LayerNorm(d_model)
         self.query_scale = MLP(d_model, d_model, d_model, 2)
@@ -193,8 +198,7 @@ class ConditionalDecoder(nn.Module):
         return self.ref_point_head(query_pos)
 
     def forward(self, tgt: Tensor, memory: Tensor, memory_key_padding_mask: Optional[Tensor], pos: Tensor,
-                query_pos: Tensor, layout: Optional[QueryLayout]) -> Tuple[Tensor, Tensor]:
-        reference_unsigmoid = self.reference_logits(query_pos)
+                query_pos: Tensor, reference_unsigmoid: Tensor, layout: Optional[QueryLayout]) -> Tensor:
         point_embed = sine_embed_of_points(reference_unsigmoid.sigmoid(), self.d_model)
         output = tgt
         intermediate = []
@@ -203,24 +207,30 @@ class ConditionalDecoder(nn.Module):
             scale = 1.0 if layer_id == 0 else self.query_scale(output)
             output = layer(output, memory, memory_key_padding_mask, pos, query_pos, point_embed * scale, layout)
             intermediate.append(self.norm(output))
-        return torch.stack(intermediate), reference_unsigmoid
+        return torch.stack(intermediate)
 
 
 class Transformer(nn.Module):
     """Encoder over the flattened feature map + conditional decoder.
 
     forward(src `(B, d, h, w)`, mask `(B, h, w)` bool, query_embed `(Q, d)`, pos `(B, d, h, w)`,
-    layout) -> hs `(num_decoder_layers, B, Q, d)`, reference_unsigmoid `(B, Q, 2)`.
+    layout, prefix) -> hs `(num_decoder_layers, B, P + Q, d)`, reference_unsigmoid `(B, P + Q, 2)`.
+
+    `prefix` (content, query_pos, reference_unsigmoid), batch-first `(B, P, d)`, `(B, P, d)`,
+    `(B, P, 2)`, puts P per-image queries in front of the learned ones (denoising queries:
+    `group_detr.models.denoising`); `layout` then covers all P + Q.
     """
 
     def __init__(self, d_model: int = 256, nhead: int = 8, num_encoder_layers: int = 6,
-                 num_decoder_layers: int = 6, dim_feedforward: int = 2048, dropout: float = 0.1):
+                 num_decoder_layers: int = 6, dim_feedforward: int = 2048, dropout: float = 0.1,
+                 attention_backend: str = "auto"):
         super().__init__()
         if num_decoder_layers < 1:
             raise ValueError(f"num_decoder_layers must be >= 1, got {num_decoder_layers}")
         layer = TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout)
         self.encoder_layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_encoder_layers))
-        self.decoder = ConditionalDecoder(d_model, nhead, num_decoder_layers, dim_feedforward, dropout)
+        self.decoder = ConditionalDecoder(d_model, nhead, num_decoder_layers, dim_feedforward, dropout,
+                                          attention_backend)
         self.d_model = d_model
         self.nhead = nhead
         for p in self.parameters():
@@ -228,7 +238,8 @@ class Transformer(nn.Module):
                 nn.init.xavier_uniform_(p)
 
     def forward(self, src: Tensor, mask: Tensor, query_embed: Tensor, pos: Tensor,
-                layout: Optional[QueryLayout] = None) -> Tuple[Tensor, Tensor]:
+                layout: Optional[QueryLayout] = None,
+                prefix: Optional[Tuple[Tensor, Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
         batch = src.shape[0]
         src = src.flatten(2).permute(2, 0, 1)
         pos = pos.flatten(2).permute(2, 0, 1)
@@ -239,5 +250,11 @@ class Transformer(nn.Module):
             memory = layer(memory, mask, pos)
         # Conditional DETR starts the decoder from zeros; the queries' identity is query_pos.
         tgt = torch.zeros_like(query_pos)
-        hs, reference_unsigmoid = self.decoder(tgt, memory, mask, pos, query_pos, layout)
+        reference_unsigmoid = self.decoder.reference_logits(query_pos)
+        if prefix is not None:
+            content, prefix_pos, prefix_reference = (t.transpose(0, 1) for t in prefix)
+            tgt = torch.cat((content, tgt))
+            query_pos = torch.cat((prefix_pos, query_pos))
+            reference_unsigmoid = torch.cat((prefix_reference, reference_unsigmoid))
+        hs = self.decoder(tgt, memory, mask, pos, query_pos, reference_unsigmoid, layout)
         return hs.transpose(1, 2), reference_unsigmoid.transpose(0, 1)
