@@ -3,6 +3,7 @@
     python benchmarks/bench_train_step.py            # small demo model, K in {1, 11, 13} (~5 min, 2 cores)
     python benchmarks/bench_train_step.py --full     # also the paper's Conditional DETR-R50 shape
     python benchmarks/bench_train_step.py --quick    # a few steps, no results file
+    python benchmarks/bench_train_step.py --denoising  # DINO's denoising on vs off, per attention backend
 
 For every model size and K, two copies of one randomly initialised Group DETR (same weights, same
 optimizer settings) take full training steps -- forward, matching of every decoder layer, loss,
@@ -59,6 +60,16 @@ weights, same batch, same assignment; checked when dropout is 0).
 
 Writes results/train_step-<machine>.json and a stacked-bar chart results/train_step-<machine>.png
 (matplotlib), and prints the table (plain and as Markdown for the README).
+
+`--denoising` measures instead what DINO's contrastive denoising (`TrainConfig.denoising_queries`,
+the Table 2 sweep's budget DENOISING_QUERIES) adds to our step at the same K, for every attention
+backend that can train with a denoising prefix on the device (CPU: masked, and the custom op's
+reference math; CUDA: triton, flex, masked): two models per backend, denoising off and on,
+interleaved step by step on the same batches. The layout changes with the batch's largest target
+count (dynamic groups), so it also reports how many distinct layouts the timed steps ran and the
+median step that met a layout for the first time (the mask, block mask or kernel schedule is
+built then, and FlexAttention compiles) against the median of the rest (cached). Writes
+results/train_step_denoising-<machine>.json.
 """
 import argparse
 import contextlib
@@ -86,6 +97,7 @@ from group_detr.reference import ReferenceGroupMatcher
 from workloads import target_counts
 
 CONFIGURATIONS = ("public", "ours")
+DENOISING_QUERIES = 12  # the budget of the Table 2 sweep (README): 4 groups at 3 targets
 REGIONS = ("matching", "self_attention", "rest")
 GROUPS = (1, 11, 13)
 
@@ -386,7 +398,8 @@ class Trainer:
         check, which reads the loss on the host: the caller checks after timing)."""
         if self.masks is not None:
             self.masks.clear()
-        outputs = self.model(images, mask)
+        outputs = self.model(images, mask, targets)
+        self.last_denoising = outputs.get("dn_meta")
         losses = self.criterion(outputs, targets)
         loss = self.criterion.weighted_sum(losses)
         self.optimizer.zero_grad(set_to_none=True)
@@ -753,6 +766,101 @@ def run(sizes: List[Size], groups, device: torch.device, warmup: int = 2, repeat
     return report
 
 
+def denoising_backends(device: torch.device) -> List[str]:
+    """The attention backends that train with a denoising prefix on `device`: on the CPU
+    FlexAttention has no backward and the Triton kernels do not run (the custom op computes the
+    dense reference there), so masked and that op."""
+    if device.type == "cuda":
+        return ["triton", "flex", "masked"]
+    return ["masked", "triton"]
+
+
+def run_denoising_case(size: Size, num_groups: int, device: torch.device, warmup: int, repeats: int,
+                       seed: int, log=print) -> Dict:
+    """Denoising off vs on at one K, per backend: interleaved steps on the same batches."""
+    batches = make_batches(size, warmup + repeats, seed + num_groups, device)
+    result = {}
+    for backend in denoising_backends(device):
+        trainers, records = {}, {}
+        for dn in ("off", "on"):
+            config = dataclasses.replace(size.config, num_groups=num_groups, attention_backend=backend,
+                                         denoising_queries=DENOISING_QUERIES if dn == "on" else 0)
+            torch.manual_seed(seed)
+            model = build_model(config, size.num_classes).to(device).train()
+            timer = RegionTimer(device)
+            for layer in model.transformer.decoder.layers:
+                layer.self_attn = TimedSelfAttention(layer.self_attn, timer)
+            trainers[dn] = Trainer("ours", model, config, size.num_classes, timer)
+            records[dn] = {"step": [], "self_attention": [], "new_layout": []}
+        seen = set()
+        for i in range(warmup + repeats):
+            for dn in (("off", "on") if i % 2 == 0 else ("on", "off")):
+                trainer = trainers[dn]
+                torch.manual_seed(seed + i)
+                start = time.perf_counter()
+                loss = trainer.step(*batches[i])
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                elapsed = (time.perf_counter() - start) * 1e3
+                regions = trainer.timer.collect()
+                if not np.isfinite(float(loss)):
+                    raise FloatingPointError(f"K={num_groups} {backend} denoising {dn}: loss {float(loss)} at step {i}")
+                meta = trainer.last_denoising
+                layout = None if meta is None else (meta["num_groups"], meta["group_size"])
+                new = dn == "on" and layout not in seen
+                seen.add(layout if dn == "on" else None)
+                if i < warmup:
+                    continue
+                records[dn]["step"].append(elapsed)
+                records[dn]["self_attention"].append(regions["self_attention"])
+                records[dn]["new_layout"].append(new)
+        entry = {dn: {"step": common.summarise(rec["step"]),
+                      "self_attention": common.summarise(rec["self_attention"])}
+                 for dn, rec in records.items()}
+        on = records["on"]
+        fresh = [t for t, new in zip(on["step"], on["new_layout"]) if new]
+        cached = [t for t, new in zip(on["step"], on["new_layout"]) if not new]
+        entry["layouts"] = len(seen - {None})
+        entry["first_layout_step"] = common.summarise(fresh) if fresh else None
+        entry["cached_layout_step"] = common.summarise(cached) if cached else None
+        entry["overhead"] = entry["on"]["step"]["median_ms"] / entry["off"]["step"]["median_ms"] - 1
+        result[backend] = entry
+        log(f"  K={num_groups} {backend}: denoising off {entry['off']['step']['median_ms']:.1f} ms, "
+            f"on {entry['on']['step']['median_ms']:.1f} ms (+{100 * entry['overhead']:.0f}%), "
+            f"{entry['layouts']} layouts", flush=True)
+    return result
+
+
+def denoising_table(report: Dict) -> str:
+    """Markdown: one row per (K, backend)."""
+    header = ["K", "backend", "dn off step ms", "dn on step ms", "overhead", "self-attn off / on ms",
+              "layouts", "first-layout / cached step ms"]
+    rows = []
+    for k, case in report["cases"].items():
+        for backend, e in case.items():
+            first = e["first_layout_step"]["median_ms"] if e["first_layout_step"] else float("nan")
+            cached = e["cached_layout_step"]["median_ms"] if e["cached_layout_step"] else float("nan")
+            rows.append([k, backend, f"{e['off']['step']['median_ms']:.1f}", f"{e['on']['step']['median_ms']:.1f}",
+                         f"+{100 * e['overhead']:.0f}%",
+                         f"{e['off']['self_attention']['median_ms']:.1f} / {e['on']['self_attention']['median_ms']:.1f}",
+                         str(e["layouts"]), f"{first:.1f} / {cached:.1f}"])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def run_denoising(size: Size, groups, device: torch.device, warmup: int, repeats: int, seed: int,
+                  log=print) -> Dict:
+    """The `--denoising` report: every K of `groups`, every backend of `denoising_backends`."""
+    report = {"benchmark": "train_step_denoising", **common.environment(device), "backends": group_detr.backends(),
+              "size": size.description, "denoising_queries": DENOISING_QUERIES, "warmup": warmup,
+              "repeats": repeats, "cases": {}}
+    for k in groups:
+        log(f"{size.name}, K={k}, denoising off vs on ...", flush=True)
+        report["cases"][str(k)] = run_denoising_case(size, k, device, warmup, repeats, seed, log)
+    report["markdown_table"] = denoising_table(report)
+    return report
+
+
 def _our_backend(size: Size, num_groups: int, device: torch.device) -> str:
     from group_detr.attention import select_backend
     layout = QueryLayout(num_groups=num_groups, queries_per_group=size.config.num_queries)
@@ -777,6 +885,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="3 timed steps, no results file")
+    parser.add_argument("--denoising", action="store_true",
+                        help="denoising on vs off per attention backend, small size (default K = 3)")
     parser.add_argument("--out", help="results JSON (default results/train_step-<machine>.json)")
     args = parser.parse_args(argv)
 
@@ -792,6 +902,14 @@ def main(argv=None):
     repeats = args.repeats or (3 if args.quick else None)
 
     started = time.perf_counter()
+    if args.denoising:
+        groups = args.groups if args.groups != list(GROUPS) else [3]
+        report = run_denoising(small_size(), groups, device, warmup, repeats or 100, args.seed)
+        report["wall_time_s"] = time.perf_counter() - started
+        print("\n" + report["markdown_table"] + f"\n\nwall time {report['wall_time_s']:.0f} s")
+        if not args.quick:
+            common.write_results(report, args.out or common.results_path("train_step_denoising", report["machine"]))
+        return report
     report = run(sizes, args.groups, device, warmup, repeats, args.seed)
     report["wall_time_s"] = time.perf_counter() - started
     report["markdown_table"] = print_report(report)
