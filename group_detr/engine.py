@@ -2,9 +2,10 @@
 `evaluate_checkpoint`.
 
 Everything is callable from Python; the command line in `__main__.py` only fills a `TrainConfig`
-(group_detr/config.py). Checkpoints live in group_detr/checkpoint.py, COCO evaluation in
-group_detr/evaluation.py. DDP-aware: under torchrun every rank trains on its shard of the data,
-rank 0 writes logs, checkpoints and pictures.
+(group_detr/config.py). The datasets and loaders come from group_detr/data/loading.py,
+checkpoints live in group_detr/checkpoint.py, COCO evaluation in group_detr/evaluation.py.
+DDP-aware: under torchrun every rank trains on its shard of the data, rank 0 writes logs,
+checkpoints and pictures.
 
 Callbacks: `train(config, callbacks=[...])` calls, on every rank, `on_train_start(run)` once the
 model, data and optimizer exist (after a resume), `on_epoch_end(run, record)` after each epoch's
@@ -19,18 +20,18 @@ import random
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 from torch import nn
-from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 from group_detr import distributed
 from group_detr.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_NAME, check_checkpoint_matches, check_resume_matches,
                                    load_checkpoint, save_checkpoint)
 from group_detr.config import TrainConfig, config_from_dict, config_to_dict
-from group_detr.data.coco import CocoDetection, build_coco_dataset, collate_fn
-from group_detr.data.transforms import make_detr_transforms
+from group_detr.data.coco import CocoDetection
+from group_detr.data.loading import build_datasets, build_loader, build_val_dataset
 from group_detr.evaluation import evaluate
 from group_detr.matcher import GroupMatcher
 from group_detr.models.criterion import SetCriterion, default_weight_dict
@@ -92,44 +93,6 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, st
         return min(1.0, (step + 1) / warmup if warmup else 1.0) * (0.1 if step >= drop_step else 1.0)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def build_val_dataset(config: TrainConfig) -> CocoDetection:
-    transforms = make_detr_transforms(False, config.train_scales, config.max_size, eval_size=config.eval_size)
-    return build_coco_dataset(config.data_dir, config.val_split, transforms)
-
-
-def build_datasets(config: TrainConfig) -> Tuple[CocoDetection, CocoDetection]:
-    train_transforms = make_detr_transforms(True, config.train_scales, config.max_size, config.crop_resize,
-                                            config.crop_size)
-    train_set = build_coco_dataset(config.data_dir, config.train_split, train_transforms)
-    val_set = build_val_dataset(config)
-    if train_set.label_to_category_id != val_set.label_to_category_id:
-        raise ValueError(f"the {config.train_split} and {config.val_split} annotation files have different "
-                         f"categories: {train_set.label_to_category_id} vs {val_set.label_to_category_id}")
-    for dataset, limit in ((train_set, config.max_train_images), (val_set, config.max_val_images)):
-        if limit is not None:
-            dataset.ids = dataset.ids[:limit]
-        if len(dataset) == 0:
-            raise ValueError(f"dataset {dataset.annotation_file} has no images")
-    return train_set, val_set
-
-
-def _seed_worker(worker_id: int) -> None:
-    # Augmentations use Python's `random`; give each worker its own stream derived from torch's.
-    random.seed(torch.initial_seed() % 2**32)
-
-
-def build_loader(dataset, config: TrainConfig, train: bool) -> DataLoader:
-    if distributed.is_distributed():
-        sampler = DistributedSampler(dataset, shuffle=train, seed=config.seed)
-    elif train:
-        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(config.seed))
-    else:
-        sampler = SequentialSampler(dataset)
-    return DataLoader(dataset, batch_sampler=BatchSampler(sampler, config.batch_size, drop_last=False),
-                      collate_fn=collate_fn, num_workers=config.num_workers, worker_init_fn=_seed_worker,
-                      persistent_workers=config.num_workers > 0)
 
 
 def resolve_device(name: str, info: distributed.DistInfo) -> torch.device:

@@ -1,4 +1,5 @@
-"""The import graph of group_detr goes one way (ARCHITECTURE.md): no cycles, kernels below attention.
+"""The import graph of group_detr goes one way (ARCHITECTURE.md): no cycles, kernels below attention,
+the data room below the models and the engine.
 
 Imports are read from the source (ast), including the ones inside functions: a lazy import that
 points back up is still an arrow the wrong way. Also: the package and the model builders import
@@ -126,6 +127,17 @@ def test_lower_rooms_do_not_import_the_training_engine():
             continue
         assert not targets & upper, f"{module} imports {sorted(targets & upper)}"
     assert not graph[f"{PACKAGE}.config"], "config.py must stay a leaf"
+
+
+def test_data_imports_only_settings_box_ops_and_distributed():
+    graph = import_graph()
+    # PACKAGE: `from group_detr import distributed` names the root, whose __init__ imports nothing
+    allowed = {PACKAGE, f"{PACKAGE}.config", f"{PACKAGE}.box_ops", f"{PACKAGE}.distributed"}
+    data = [m for m in graph if m == f"{PACKAGE}.data" or m.startswith(f"{PACKAGE}.data.")]
+    assert f"{PACKAGE}.data.loading" in data
+    for module in data:
+        bad = {t for t in graph[module] if t not in allowed and not t.startswith(f"{PACKAGE}.data")}
+        assert not bad, f"{module} imports {sorted(bad)}"
 
 
 def _run(code: str) -> subprocess.CompletedProcess:
