@@ -61,10 +61,13 @@ def load_checkpoint(path: str) -> Dict:
 
 
 def check_checkpoint_matches(checkpoint: Dict, config: TrainConfig, num_classes: int, path: str = "checkpoint") -> None:
-    """Raise ValueError naming every model setting that differs between checkpoint and config."""
-    saved, current = checkpoint["config"], config_to_dict(config)
-    differences = [f"{name}: checkpoint {saved.get(name)!r}, this run {current[name]!r}"
-                   for name in MODEL_FIELDS if saved.get(name) != current[name]]
+    """Raise ValueError naming every model setting that differs between checkpoint and config.
+
+    Fields a checkpoint from an older version lacks compare as their defaults (a checkpoint saved
+    before `denoising_queries` existed has no denoising weights, as the default 0 builds)."""
+    saved, current = config_to_dict(config_from_dict(checkpoint["config"])), config_to_dict(config)
+    differences = [f"{name}: checkpoint {saved[name]!r}, this run {current[name]!r}"
+                   for name in MODEL_FIELDS if saved[name] != current[name]]
     if checkpoint.get("num_classes") != num_classes:
         differences.append(f"num_classes: checkpoint {checkpoint.get('num_classes')!r}, this run {num_classes!r}")
     if differences:

@@ -13,7 +13,7 @@ from conftest import requires_pycocotools
 from group_detr.__main__ import build_parser, main
 from group_detr.data import write_synthetic_dataset
 from group_detr.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
-from group_detr.config import TrainConfig, demo_config
+from group_detr.config import TrainConfig, config_to_dict, demo_config
 from group_detr.engine import build_model, build_optimizer, evaluate_checkpoint, train
 from group_detr.evaluation import COCO_STAT_NAMES
 
@@ -107,6 +107,18 @@ def test_checkpoint_from_another_configuration(trained, tmp_path):
     with pytest.raises(ValueError, match=r"another model configuration: hidden_dim: checkpoint 32, this run 64; "
                                          r"num_groups: checkpoint 3, this run 5"):
         train(other, log=lambda _: None)
+
+
+def test_checkpoint_from_an_older_version_compares_missing_fields_as_defaults():
+    """A checkpoint saved before `denoising_queries` existed matches a default run (no false
+    mismatch 'None != 0') and still fails against a run that turns denoising on."""
+    config = TrainConfig()
+    saved = config_to_dict(config)
+    del saved["denoising_queries"]
+    older = {"config": saved, "num_classes": 5}
+    checkpoint_module.check_checkpoint_matches(older, config, 5)
+    with pytest.raises(ValueError, match=r"another model configuration: denoising_queries: checkpoint 0, this run 12"):
+        checkpoint_module.check_checkpoint_matches(older, dataclasses.replace(config, denoising_queries=12), 5)
 
 
 @requires_pycocotools
