@@ -27,15 +27,28 @@ class SyntheticPreset:
     num_train: int  # training images
     num_val: int  # validation images
     image_size: int  # image height in pixels (widths vary by a factor 0.75 .. 1.25)
-    max_objects: int  # objects per image: uniform in 1..max_objects (a few images are empty)
-    min_object_size: int  # smallest shape diameter in pixels (sizes are log-uniform up to 0.8 of the image)
+    max_objects: int  # most objects per image (a few images are empty)
+    min_object_size: int  # smallest shape diameter in pixels (sizes are log-uniform, see max_object_fraction)
     clutter: float = 1.0  # background gradient / texture / noise amplitude (0 = flat)
     min_contrast: float = 0.0  # least colour difference object vs background mean (0-255; 0 = free)
     seed: int = 0
+    # Objects per image: 0 draws them uniformly from 1..max_objects; > 0 from a geometric
+    # distribution with this mean, clipped to max_objects (COCO's long tail: many images with a
+    # few objects, some with many).
+    mean_objects: float = 0.0
+    max_object_fraction: float = 0.8  # largest shape diameter, as a fraction of the image's short side
 
     def generator_settings(self) -> Dict:
         """The fields that decide the pixels (everything but the description)."""
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "description"}
+
+    @staticmethod
+    def complete_settings(recorded: Dict) -> Dict:
+        """`recorded` generator settings (a dataset's "info") with the knobs added after it was
+        written filled in with their defaults, which are the behaviour it was written with."""
+        defaults = {f.name: f.default for f in dataclasses.fields(SyntheticPreset)
+                    if f.default is not dataclasses.MISSING and f.name != "description"}
+        return {**defaults, **recorded}
 
 
 SYNTHETIC_PRESETS: Dict[str, SyntheticPreset] = {
@@ -48,6 +61,11 @@ SYNTHETIC_PRESETS: Dict[str, SyntheticPreset] = {
                     "that stand out from nearly flat backgrounds; a small detector learns it in minutes on a CPU",
         num_train=3000, num_val=200, image_size=64, max_objects=3, min_object_size=24, clutter=0.1,
         min_contrast=80.0),
+    "crowded": SyntheticPreset(
+        description="the easy preset's shapes and colours, COCO-like counts: about 7 annotated objects per image "
+                    "(10 drawn on average, long-tailed, up to 20; occlusion hides some), 6 px to 0.45 of a 96-px image",
+        num_train=2000, num_val=200, image_size=96, max_objects=20, min_object_size=6, clutter=0.1,
+        min_contrast=80.0, mean_objects=10.0, max_object_fraction=0.45),
 }
 
 # The synthetic preset behind `python -m group_detr demo` (and the convergence benchmark).
@@ -206,12 +224,16 @@ def demo_config(**overrides) -> TrainConfig:
     another one's files); images are trained and evaluated at the preset's image size.
     """
     synthetic = overrides.get("synthetic", DEMO_SYNTHETIC_PRESET)
-    size = synthetic_preset(synthetic).image_size
+    preset = synthetic_preset(synthetic)
+    size = preset.image_size
+    # N well above the most objects an image holds (COCO: N=300 for up to ~100): 10 for the
+    # easy and hard presets, 30 for the crowded one's 20.
+    queries_per_group = max(10, -(-3 * preset.max_objects // 2))
     config = TrainConfig(
         data_dir=f"data/synthetic-{synthetic}", synthetic=synthetic, train_split="train", val_split="val",
         train_scales=(size,), max_size=size * 4 // 3, crop_resize=(size,), crop_size=(size, size),
         eval_size=size, backbone="small", small_widths=(32, 64, 128), small_norm="batch", hidden_dim=96,
-        nheads=4, enc_layers=1, dec_layers=2, dim_feedforward=256, dropout=0.0, num_queries=10, num_groups=11,
+        nheads=4, enc_layers=1, dec_layers=2, dim_feedforward=256, dropout=0.0, num_queries=queries_per_group, num_groups=11,
         focal_alpha=0.5, cls_loss_coef=4.0, lr=5e-4, lr_backbone=5e-4, epochs=7, batch_size=4, clip_max_norm=0.1,
         output_dir="runs/demo", num_workers=0, num_threads=2, eval_every=1, print_freq=150,
     )

@@ -78,6 +78,36 @@ def test_synthetic_sizes_span_small_to_large(tmp_path):
     assert {a["category_id"] for a in read_json(paths["train"])["annotations"]} == set(range(1, 6))
 
 
+def test_crowded_preset_is_coco_like(tmp_path):
+    """About 7 annotated objects per image, a long tail up to max_objects, small to mid sizes."""
+    from group_detr.config import demo_config, synthetic_preset
+
+    preset = synthetic_preset("crowded")
+    data = read_json(write_synthetic_dataset(str(tmp_path), "crowded", num_train=150, num_val=1)["train"])
+    per_image = [0] * (len(data["images"]) + 1)
+    for a in data["annotations"]:
+        per_image[a["image_id"]] += 1
+    counts = per_image[1:]
+    assert 6 <= sum(counts) / len(counts) <= 8.5 and max(counts) <= preset.max_objects
+    assert sum(c >= 12 for c in counts) >= 5 and sum(c <= 3 for c in counts) >= 15  # long-tailed
+    diameters = [max(a["bbox"][2:]) for a in data["annotations"]]
+    assert min(diameters) <= 8 and max(diameters) <= preset.max_object_fraction * preset.image_size * 1.3 + 1  # a square's corners
+    # the model's queries per group follow the most objects an image can hold
+    assert demo_config(synthetic="crowded").num_queries == 30 and demo_config().num_queries == 10
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"max_object_fraction": 0.0}, r"max_object_fraction must be in \(0, 1\], got 0.0"),
+    ({"max_object_fraction": 1.5}, r"max_object_fraction must be in \(0, 1\], got 1.5"),
+    ({"mean_objects": 0.5}, r"mean_objects must be 0 \(uniform counts\) or in \[1, max_objects = 3\], got 0.5"),
+    ({"mean_objects": 4.0}, r"mean_objects must be 0 \(uniform counts\) or in \[1, max_objects = 3\], got 4.0"),
+    ({"max_object_fraction": 0.25}, r"min_object_size must be in \[4, max_object_fraction \* image_size = 16\], got 24"),
+])
+def test_synthetic_generator_knobs_are_checked(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):  # the easy preset: max_objects 3, 24-px objects, 64-px images
+        write_synthetic_dataset(str(tmp_path), "easy", num_train=1, num_val=1, **overrides)
+
+
 def test_synth_command_writes_the_dataset(tmp_path, capsys):
     out = tmp_path / "synth"
     assert main(["synth", "--out", str(out), "--num-train", "3", "--num-val", "2", "--image-size", "48"]) == 0

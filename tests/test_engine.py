@@ -333,6 +333,14 @@ def test_ensure_synthetic_dataset_refuses_other_settings(tmp_path, capsys):
     assert capsys.readouterr().out == ""
     with pytest.raises(ValueError, match="holds a synthetic dataset with other settings"):
         ensure_synthetic_dataset(str(tmp_path), "hard", num_train=2, num_val=1, image_size=64)
+    # a dataset written before a generator knob existed lacks its key: read as the knob's default
+    path = tmp_path / "annotations" / "instances_train.json"
+    data = json.loads(path.read_text())
+    for knob in ("mean_objects", "max_object_fraction"):
+        del data["info"]["group_detr_synthetic"][knob]
+    path.write_text(json.dumps(data))
+    ensure_synthetic_dataset(str(tmp_path), "hard", num_train=2, num_val=1, image_size=48)
+    assert capsys.readouterr().out == ""
 
 
 @requires_pycocotools

@@ -100,6 +100,13 @@ def _background(rng: np.random.Generator, width: int, height: int, clutter: floa
     return image
 
 
+def _object_count(rng: np.random.Generator, preset: SyntheticPreset) -> int:
+    """How many shapes one image gets (before occlusion hides some): see SyntheticPreset.mean_objects."""
+    if preset.mean_objects > 0:
+        return min(preset.max_objects, int(rng.geometric(1.0 / preset.mean_objects)))
+    return int(rng.integers(1, preset.max_objects + 1))
+
+
 def _render_image(rng: np.random.Generator, width: int, height: int, preset: SyntheticPreset
                   ) -> Tuple[np.ndarray, List[Dict]]:
     """One image `(height, width, 3)` uint8 and its annotations (label, xywh box, visible area).
@@ -108,10 +115,10 @@ def _render_image(rng: np.random.Generator, width: int, height: int, preset: Syn
     this much (max over channels, 0-255); 0 draws colours freely (some shapes are then nearly
     invisible).
     """
-    max_objects, min_object_size, min_contrast = preset.max_objects, preset.min_object_size, preset.min_contrast
+    min_object_size, min_contrast = preset.min_object_size, preset.min_contrast
     image = _background(rng, width, height, preset.clutter)
     background_mean = image.reshape(-1, 3).mean(axis=0)
-    num_objects = 0 if rng.random() < EMPTY_IMAGE_PROBABILITY else int(rng.integers(1, max_objects + 1))
+    num_objects = 0 if rng.random() < EMPTY_IMAGE_PROBABILITY else _object_count(rng, preset)
     owner = np.full((height, width), -1, dtype=np.int64)  # index of the shape visible at a pixel
     full_area = []
     labels = []
@@ -119,8 +126,9 @@ def _render_image(rng: np.random.Generator, width: int, height: int, preset: Syn
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     for index in range(num_objects):
         label = int(rng.integers(len(CLASS_NAMES)))
-        # Log-uniform sizes: as many small objects as large ones, up to 0.8 of the image.
-        size = float(np.exp(rng.uniform(math.log(min_object_size), math.log(0.8 * short_side))))
+        # Log-uniform sizes: as many small objects as large ones.
+        size = float(np.exp(rng.uniform(math.log(min_object_size),
+                                        math.log(preset.max_object_fraction * short_side))))
         cx = float(rng.uniform(0.1 * width, 0.9 * width))
         cy = float(rng.uniform(0.1 * height, 0.9 * height))
         mask = _shape_mask(CLASS_NAMES[label], width, height, cx, cy, size, float(rng.uniform(0, 2 * math.pi)))
@@ -169,8 +177,14 @@ def write_split(out_dir: str, split: str, num_images: int, preset: SyntheticPres
         raise ValueError(f"image_size must be >= 32 pixels, got {preset.image_size}")
     if preset.max_objects < 1:
         raise ValueError(f"max_objects must be >= 1, got {preset.max_objects}")
-    if not 4 <= preset.min_object_size <= 0.8 * preset.image_size:
-        raise ValueError(f"min_object_size must be in [4, 0.8 * image_size], got {preset.min_object_size}")
+    if not 0 < preset.max_object_fraction <= 1:
+        raise ValueError(f"max_object_fraction must be in (0, 1], got {preset.max_object_fraction}")
+    if not 4 <= preset.min_object_size <= preset.max_object_fraction * preset.image_size:
+        raise ValueError(f"min_object_size must be in [4, max_object_fraction * image_size = "
+                         f"{preset.max_object_fraction * preset.image_size:g}], got {preset.min_object_size}")
+    if preset.mean_objects != 0 and not 1 <= preset.mean_objects <= preset.max_objects:
+        raise ValueError(f"mean_objects must be 0 (uniform counts) or in [1, max_objects = "
+                         f"{preset.max_objects}], got {preset.mean_objects}")
     image_dir = os.path.join(out_dir, split)
     ann_dir = os.path.join(out_dir, "annotations")
     os.makedirs(image_dir, exist_ok=True)
@@ -240,7 +254,7 @@ def ensure_synthetic_dataset(out_dir: str, preset: Union[str, SyntheticPreset], 
     if synthetic_dataset_exists(out_dir):
         with open(_annotation_path(out_dir, "train")) as f:
             found = json.load(f).get("info", {}).get(GENERATOR_SETTINGS_KEY)
-        if found is not None and found != preset.generator_settings():
+        if found is not None and SyntheticPreset.complete_settings(found) != preset.generator_settings():
             raise ValueError(f"{out_dir} holds a synthetic dataset with other settings ({found}) than the "
                              f"requested ones ({preset.generator_settings()}): delete it or choose another "
                              "data_dir")
