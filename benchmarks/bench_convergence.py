@@ -27,7 +27,7 @@ positions. Writes
 
 The model is the demo's (`group_detr.config.demo_config`, the easy synthetic preset, written to
 data/synthetic-<preset> when missing) trained for the paper's 12 epochs with the lr drop at 11/12
-(the demo's 7 epochs fit its 10 minutes but leave K = 1 at AP 0.19 +- 0.04 over seeds 0, 1,
+(the demo's earlier 7 epochs left K = 1 at AP 0.19 +- 0.04 over seeds 0, 1,
 below a working detector; 12 epochs give it 0.39 +- 0.05); only K and the seed change between
 runs. `--denoising-queries` adds a second axis, DINO's contrastive denoising with that budget
 (0 = off; `TrainConfig.denoising_queries`), and the summary then also pairs the runs by seed:
@@ -55,7 +55,7 @@ from group_detr.engine import Callback, TrainingRun, build_matcher, train
 DEFAULT_GROUPS = (1, 2, 3, 5, 7, 11)
 DEFAULT_DENOISING = (0,)
 DEFAULT_SEEDS = (0, 1, 2)
-DEFAULT_EPOCHS = 12  # the paper's schedule (Table 1: 12 epochs); why not the demo's 7: the docstring
+DEFAULT_EPOCHS = 12  # the paper's schedule (Table 1: 12 epochs); why not the demo's 10: the docstring
 DISTANCES = ("PD", "PD_first", "MD", "MD_first")
 FINAL_METRICS = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large")  # COCO stats kept per epoch
 

@@ -2,7 +2,7 @@
 
 A DETR that has not learnt to localise predicts near-default boxes for every image (the
 "mean-box plateau"); its GIoU loss stays high and its AP50 near 0 even on the images it was
-trained on. This run trains the demo's model (`demo_config()`: BatchNorm stride-8 CNN, K=11)
+trained on. This run trains the demo's model (`demo_config()`: BatchNorm stride-8 CNN, K=3)
 on 16 images of the easy synthetic preset for 200 steps on one thread and scores it on those
 same images: a model that localises reaches a high AP50 there, one on the plateau does not.
 """
