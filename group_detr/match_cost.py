@@ -13,12 +13,14 @@ one of two backends:
 "auto" takes "fused" for CPU tensors when it is built and no gradient is asked for, else "torch".
 """
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from group_detr import _ext
 from group_detr.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 
-CLASS_COSTS = ("focal", "softmax")
+CLASS_COSTS = ("focal", "focal_logsigmoid", "softmax")
+FUSED_CLASS_COSTS = ("focal", "softmax")  # what csrc/cost computes; the rest run on the torch path
 COST_BACKENDS = ("auto", "torch", "fused")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -27,13 +29,21 @@ def class_cost_torch(logits: Tensor, labels: Tensor, class_cost: str = "focal",
                      focal_alpha: float = 0.25, focal_gamma: float = 2.0) -> Tensor:
     """logits `(B, Q, C)`, labels `(B, M)` int64 -> class cost `(B, Q, M)`.
 
-    focal: Deformable DETR's focal cost at the target class; softmax: DETR's -prob.
+    focal: Deformable DETR's focal cost at the target class, with log(p + 1e-8) (DETR-family
+    code up to LW-DETR); focal_logsigmoid: the same cost with log p and log(1 - p) as
+    logsigmoid(x) and logsigmoid(-x) (RF-DETR since 2025: finite and exact for wide logits,
+    where the 1e-8 floor caps -log p at 18.4 and changes which query is cheapest);
+    softmax: DETR's -prob.
     """
     if class_cost == "softmax":
         prob = logits.softmax(-1)
         return -torch.gather(prob, 2, labels[:, None, :].expand(-1, prob.shape[1], -1))
     picked = torch.gather(logits, 2, labels[:, None, :].expand(-1, logits.shape[1], -1))
     prob = picked.sigmoid()
+    if class_cost == "focal_logsigmoid":
+        neg = (1 - focal_alpha) * (prob**focal_gamma) * (-F.logsigmoid(-picked))
+        pos = focal_alpha * ((1 - prob) ** focal_gamma) * (-F.logsigmoid(picked))
+        return pos - neg
     neg = (1 - focal_alpha) * (prob**focal_gamma) * (-(1 - prob + 1e-8).log())
     pos = focal_alpha * ((1 - prob) ** focal_gamma) * (-(prob + 1e-8).log())
     return pos - neg
@@ -56,12 +66,16 @@ def match_cost_torch(logits: Tensor, pred_boxes: Tensor, labels: Tensor, tgt_box
     return cost
 
 
-def resolve_cost_backend(backend: str, *tensors: Tensor) -> str:
+def resolve_cost_backend(backend: str, *tensors: Tensor, class_cost: str = "focal") -> str:
     """"torch" or "fused" for these inputs; ValueError for an unknown or unusable backend."""
     if backend not in COST_BACKENDS:
         raise ValueError(f"cost backend must be one of {COST_BACKENDS}, got {backend!r}")
+    if backend == "fused" and class_cost not in FUSED_CLASS_COSTS:
+        raise ValueError(f"cost backend 'fused' computes class_cost {FUSED_CLASS_COSTS}, not "
+                         f"{class_cost!r}: use cost_backend='torch' or 'auto' (which takes torch)")
     fused_ok = (
-        _ext.has_match_cost_cpu()
+        class_cost in FUSED_CLASS_COSTS
+        and _ext.has_match_cost_cpu()
         and all(t.device.type == "cpu" for t in tensors)
         and all(t.dtype in _FLOAT_DTYPES for t in tensors[:2])
     )
@@ -91,7 +105,8 @@ def match_cost(logits: Tensor, pred_boxes: Tensor, labels: Tensor, tgt_boxes: Te
         tgt_boxes: `(B, M_max, 4)` target boxes, cxcywh (padding rows hold a valid box).
         cost_class, cost_bbox, cost_giou: weights of the class, L1 and GIoU terms (a zero L1 or
             GIoU weight skips its term).
-        class_cost: "focal" (Deformable DETR, DINO) or "softmax" (DETR: -prob).
+        class_cost: "focal" (Deformable DETR, DINO, LW-DETR), "focal_logsigmoid" (RF-DETR;
+            the torch path only) or "softmax" (DETR: -prob); see `class_cost_torch`.
         focal_alpha, focal_gamma: focal cost parameters.
         num_targets: optional B ints, the valid targets M_i per image. The fused op then
             computes only image i's first M_i columns and leaves the padding at 0 (the solver
@@ -102,7 +117,8 @@ def match_cost(logits: Tensor, pred_boxes: Tensor, labels: Tensor, tgt_boxes: Te
     """
     if class_cost not in CLASS_COSTS:
         raise ValueError(f"class_cost must be one of {CLASS_COSTS}, got {class_cost!r}")
-    if resolve_cost_backend(backend, logits, pred_boxes, labels, tgt_boxes) == "fused":
+    if resolve_cost_backend(backend, logits, pred_boxes, labels, tgt_boxes,
+                            class_cost=class_cost) == "fused":
         return torch.ops.group_detr.match_cost(
             logits, pred_boxes, labels, tgt_boxes, float(cost_class), float(cost_bbox),
             float(cost_giou), class_cost, float(focal_alpha), float(focal_gamma),

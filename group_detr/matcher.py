@@ -16,9 +16,10 @@ returned list of `(query_idx, target_idx)` int64 CPU tensors); only the matcher 
   * Conditional DETR (GroupDETR branch), LW-DETR (models/matcher.py, build_matcher):
         GroupMatcher(cost_class=args.set_cost_class, cost_bbox=args.set_cost_bbox,
                      cost_giou=args.set_cost_giou, focal_alpha=args.focal_alpha)
-  * RF-DETR (rfdetr/models/matcher.py): as LW-DETR, plus for segmentation models
-    `cost_mask=<cost_mask_ce>, cost_dice=<cost_mask_dice>, mask_point_sample_ratio=<ratio>`, and
-    `validate=False` for RF-DETR's "replace non-finite costs and match on".
+  * RF-DETR (rfdetr/models/matcher.py): as LW-DETR with `class_cost="focal_logsigmoid",
+    focal_alpha=0.25` (its matcher fixes alpha at 0.25), plus for segmentation its
+    `cost_mask_ce=`, `cost_mask_dice=`, `mask_point_sample_ratio=`, and `validate=False` for
+    RF-DETR's "replace non-finite costs and match on".
   * Hugging Face transformers (DETR, Conditional/Deformable DETR, DAB-DETR, LW-DETR, RF-DETR):
         from group_detr.integrations.transformers import use_group_matcher; use_group_matcher()
 Errors differ on purpose: a bad input raises ValueError or TypeError naming the target, image or
@@ -127,7 +128,9 @@ class GroupMatcher(nn.Module):
         cost_class, cost_bbox, cost_giou: weights of the class, L1 box and GIoU costs
             (Group DETR's defaults 2 / 5 / 2).
         num_groups: default number of query groups K (1 = plain DETR matching).
-        class_cost: "focal" (Deformable/Conditional DETR, DINO) or "softmax" (DETR: -prob).
+        class_cost: "focal" (Deformable/Conditional DETR, DINO, LW-DETR: log(p + 1e-8)),
+            "focal_logsigmoid" (RF-DETR: logsigmoid; the torch cost path) or "softmax" (DETR:
+            -prob); `group_detr.match_cost.class_cost_torch`.
         focal_alpha, focal_gamma: focal cost parameters.
         backend: solver backend, see `group_detr.linear_sum_assignment`.
         cost_backend: how the cost is computed, see `group_detr.match_cost`: "auto" (the
@@ -139,8 +142,11 @@ class GroupMatcher(nn.Module):
         cost_mask, cost_dice: weights of Mask2Former's point-sampled sigmoid cross-entropy and
             dice costs (`group_detr.mask_cost`), used when the outputs hold "pred_masks"
             `(B, K*N, H, W)` and the targets "masks" `(M_i, H', W')`; 0 = masks ignored (with a
-            one-time warning if masks are given). RF-DETR's names: cost_mask_ce -> cost_mask,
-            cost_mask_dice -> cost_dice.
+            one-time warning if masks are given).
+        cost_mask_ce, cost_mask_dice: RF-DETR's names for cost_mask and cost_dice (give one
+            name of each pair, not both).
+        use_pos_only, use_position_modulated_cost: LW-DETR's and RF-DETR's keywords, which their
+            matchers accept and ignore; only False is accepted (True raises ValueError).
         num_points: P, the points sampled per image (Mask2Former's 112 * 112).
         mask_point_sample_ratio: RF-DETR's option: P = H*W // ratio of the predicted masks
             (overrides num_points). Targets are sampled bilinearly, as Mask2Former does
@@ -173,8 +179,22 @@ class GroupMatcher(nn.Module):
         cost_dice: float = 0.0,
         num_points: int = 112 * 112,
         mask_point_sample_ratio: Optional[int] = None,
+        *,
+        cost_mask_ce: Optional[float] = None,
+        cost_mask_dice: Optional[float] = None,
+        use_pos_only: bool = False,
+        use_position_modulated_cost: bool = False,
     ):
         super().__init__()
+        cost_mask = _alias("cost_mask", cost_mask, 0.0, "cost_mask_ce", cost_mask_ce)
+        cost_dice = _alias("cost_dice", cost_dice, 0.0, "cost_mask_dice", cost_mask_dice)
+        for name, value in (("use_pos_only", use_pos_only),
+                            ("use_position_modulated_cost", use_position_modulated_cost)):
+            if value is not False:
+                raise ValueError(
+                    f"{name}={value!r}: LW-DETR's and RF-DETR's matchers take this keyword but never "
+                    "read it (reserved there, not implemented), so they match with class + L1 + GIoU "
+                    f"as GroupMatcher does; drop the keyword or pass {name}=False")
         if class_cost not in CLASS_COSTS:
             raise ValueError(f"class_cost must be one of {CLASS_COSTS}, got {class_cost!r}")
         if cost_class == 0 and cost_bbox == 0 and cost_giou == 0 and cost_mask == 0 and cost_dice == 0:
@@ -229,6 +249,13 @@ class GroupMatcher(nn.Module):
                               "are 0, so the matching ignores the masks (set them, e.g. Mask2Former's "
                               "cost_mask=5, cost_dice=5)", UserWarning, stacklevel=2)
             return cost
+        if not isinstance(pred_masks, Tensor):
+            raise ValueError(
+                f"pred_masks must be a dense tensor (B, K*N, H, W) of mask logits, got "
+                f"{type(pred_masks).__name__}"
+                + (" (RF-DETR's sparse form: GroupMatcher does not "
+                   "match it; pass the dense masks, or set cost_mask and cost_dice to 0 to match boxes only)"
+                   if isinstance(pred_masks, dict) else ""))
         target_masks = [_get(t, "masks", what="target masks") for t in targets]
         check_masks(pred_masks, target_masks, cost.shape[0], cost.shape[1], sizes)
         num_points = num_points_for(pred_masks, self.num_points, self.mask_point_sample_ratio)
@@ -266,7 +293,8 @@ class GroupMatcher(nn.Module):
         intra-op threads once. Measured on the 2-core CPU: benchmarks/bench_matcher.py."""
         return ("pred_masks" not in outputs and self.backend in ("auto", "cpu")
                 and _ext.has_group_match_cpu()
-                and resolve_cost_backend(self.cost_backend, logits, pred_boxes) == "fused")
+                and resolve_cost_backend(self.cost_backend, logits, pred_boxes,
+                                         class_cost=self.class_cost) == "fused")
 
     def _match_in_one_pass(self, logits: Tensor, pred_boxes: Tensor, targets, num_groups):
         num_groups = self.num_groups if num_groups is None else num_groups
@@ -327,6 +355,15 @@ class GroupMatcher(nn.Module):
         check = status is not None and (self.validate or status.device.type == "cpu")
         return _to_detr_indices(matched, num_images, num_groups, queries_per_group, sizes,
                                 to_cpu=not self.return_device, status=status if check else None)
+
+
+def _alias(name: str, value, default, alias: str, alias_value):
+    """`value`, or the client's keyword `alias` for it (RF-DETR's names); both given: ValueError."""
+    if alias_value is None:
+        return value
+    if value != default:
+        raise ValueError(f"give {name} or its alias {alias}, not both (got {value!r} and {alias_value!r})")
+    return alias_value
 
 
 def _check_num_groups(num_groups):
