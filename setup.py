@@ -61,7 +61,7 @@ def _version_key(path):
     return [int(n) for n in re.findall(r"\d+", os.path.basename(path))]
 
 
-def cudart_link_dir(cuda_home, build_dir=os.path.join(ROOT, "build")):
+def cudart_link_dir(cuda_home, build_dir=None):
     """A folder to add to the linker's search path for the `-lcudart` that torch's CUDAExtension
     passes, or None when the toolkit's own lib64/lib has libcudart.so.
 
@@ -84,7 +84,7 @@ def cudart_link_dir(cuda_home, build_dir=os.path.join(ROOT, "build")):
                        os.path.join(base, "cuda_runtime", "lib")):
             versioned = sorted(glob.glob(os.path.join(folder, f"libcudart.so.{major}*")))
             if versioned:
-                link_dir = os.path.join(build_dir, "cudart")
+                link_dir = os.path.join(build_dir or os.path.join(ROOT, "build"), "cudart")
                 os.makedirs(link_dir, exist_ok=True)
                 link = os.path.join(link_dir, "libcudart.so")
                 if os.path.lexists(link):

@@ -275,7 +275,7 @@ def main(argv=None):
     try:
         specs = select_workloads("attention", args.workloads)
     except ValueError as error:
-        raise SystemExit(str(error))
+        raise SystemExit(str(error)) from None
 
     environment = common.environment(device)
     name = environment["machine"]

@@ -187,8 +187,8 @@ def run_workload(name, spec, device, repeats, warmup, threads):
     best_lapx = None
     for solver_name, solver in lapx_solvers().items():
         for mode, run in (
-            ("per image", lambda: lapx_per_image(solver, cost_np, counts, num_groups, threads)),
-            ("padded batch", lambda: lapx_padded(solver, padded_np, counts, threads)),
+            ("per image", lambda solver=solver: lapx_per_image(solver, cost_np, counts, num_groups, threads)),
+            ("padded batch", lambda solver=solver: lapx_padded(solver, padded_np, counts, threads)),
         ):
             if not np.allclose(totals(cost_np, run()), expected_totals, rtol=1e-9, atol=1e-6):
                 print(f"  {name}: lapx {solver_name} ({mode}) disagrees with scipy; not timed")

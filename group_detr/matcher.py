@@ -298,7 +298,7 @@ class GroupMatcher(nn.Module):
 
     def _match_in_one_pass(self, logits: Tensor, pred_boxes: Tensor, targets, num_groups):
         num_groups = self.num_groups if num_groups is None else num_groups
-        queries_per_group = _queries_per_group(logits.shape[1], num_groups)
+        _queries_per_group(logits.shape[1], num_groups)  # ValueError for a K that does not divide Q
         labels, boxes, sizes = target_fields(targets)
         if not sizes:
             return []

@@ -6,13 +6,12 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import group_detr
 from group_detr import attention, kernels
 from group_detr.attention import (
-    GroupedSelfAttention, dropout_keep_mask_reference, folded_attention, grouped_attention,
+    GroupedSelfAttention, dropout_keep_mask_reference, grouped_attention,
     masked_attention, reference_backward, reference_forward, select_backend)
 from group_detr.layout import QueryLayout
 

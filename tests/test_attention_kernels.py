@@ -120,7 +120,7 @@ def assert_matches(actual, expected, dtype):
     names = ("out", "lse", "dQ", "dK", "dV")
     for name, a, e in zip(names, actual, expected):
         tolerance = TOLERANCE[torch.float32 if name == "lse" else dtype]
-        torch.testing.assert_close(a.double(), e, **tolerance, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a.double(), e, **tolerance, msg=lambda m, name=name: f"{name}: {m}")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -107,7 +107,7 @@ def test_box_noise_moves_positive_corners_less_than_negative_ones(seed, scale, c
         original = box_cxcywh_to_xyxy(target["boxes"])
         half_sides = target["boxes"][:, 2:].repeat(1, 2) / 2
         for group in range(queries.num_groups):
-            for copy, (low, high) in enumerate(((0.0, scale), (scale, 2 * scale))):
+            for copy, (_low, high) in enumerate(((0.0, scale), (scale, 2 * scale))):
                 start = (2 * group + copy) * max_targets
                 noised = queries.boxes[image, start:start + n]
                 if copy == 0:  # a positive box stays around its centre, so it converts back exactly

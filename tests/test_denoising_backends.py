@@ -74,7 +74,7 @@ def step(model, criterion, images, mask, targets, backend, grad=True):
 def assert_same(got, expected):
     assert set(got) == set(expected)
     for key in expected:
-        torch.testing.assert_close(got[key], expected[key], rtol=RTOL, atol=ATOL, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(got[key], expected[key], rtol=RTOL, atol=ATOL, msg=lambda m, key=key: f"{key}: {m}")
 
 
 def test_the_triton_kernels_train_a_denoising_step_like_the_masked_reference(monkeypatch):
