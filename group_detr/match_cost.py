@@ -41,11 +41,11 @@ def class_cost_torch(logits: Tensor, labels: Tensor, class_cost: str = "focal",
     picked = torch.gather(logits, 2, labels[:, None, :].expand(-1, logits.shape[1], -1))
     prob = picked.sigmoid()
     if class_cost == "focal_logsigmoid":
-        neg = (1 - focal_alpha) * (prob**focal_gamma) * (-F.logsigmoid(-picked))
-        pos = focal_alpha * ((1 - prob) ** focal_gamma) * (-F.logsigmoid(picked))
-        return pos - neg
-    neg = (1 - focal_alpha) * (prob**focal_gamma) * (-(1 - prob + 1e-8).log())
-    pos = focal_alpha * ((1 - prob) ** focal_gamma) * (-(prob + 1e-8).log())
+        log_prob, log_not_prob = F.logsigmoid(picked), F.logsigmoid(-picked)
+    else:
+        log_prob, log_not_prob = (prob + 1e-8).log(), (1 - prob + 1e-8).log()
+    neg = (1 - focal_alpha) * (prob**focal_gamma) * (-log_not_prob)
+    pos = focal_alpha * ((1 - prob) ** focal_gamma) * (-log_prob)
     return pos - neg
 
 
