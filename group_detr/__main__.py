@@ -17,7 +17,7 @@ import time
 import typing
 from typing import List, Optional
 
-from group_detr.config import SYNTHETIC_PRESETS, TrainConfig, demo_config, synthetic_preset
+from group_detr.config import SYNTHETIC_PRESETS, TrainConfig, config_from_dict, demo_config, synthetic_preset
 from group_detr.data.synthetic import ensure_synthetic_dataset, write_synthetic_dataset
 from group_detr.engine import evaluate_checkpoint, train
 
@@ -51,11 +51,6 @@ def _add_config_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig
             parser.add_argument(flag, type=args[0], default=default, help=help_text)
         else:
             parser.add_argument(flag, type=hint, default=default, help=help_text)
-
-
-def _config_from_args(args: argparse.Namespace) -> TrainConfig:
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,11 +115,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command == "eval":
         evaluate_checkpoint(args.checkpoint, args.data_dir, args.split, args.device, args.batch_size, args.png)
         return 0
-    config = _config_from_args(args)
+    config = config_from_dict(vars(args))  # the parser has one flag per TrainConfig field
     if args.command == "demo":
         start = time.time()
         config = _follow_the_preset(config)
         sizes = {"num_train": args.num_train_images, "num_val": args.num_val_images}
+        if config.synthetic is None:  # the demo's parser always sets a preset
+            raise ValueError("the demo trains on a synthetic preset, but config.synthetic is None")
         ensure_synthetic_dataset(config.data_dir, config.synthetic,
                                  **{k: v for k, v in sizes.items() if v is not None})
         if config.output_dir == demo_config().output_dir:

@@ -4,18 +4,21 @@ The package must import and work without the extension (through the scipy / PyTo
 paths), so a failed load is turned into a single warning rather than an ImportError.
 """
 import functools
+import importlib
 import importlib.util
+import types
 import warnings
+from typing import Optional
 
 import torch
 
 from group_detr import kernels as _kernels  # triton-free: the attention kernels' status
 
-_C = None
-_LOAD_ERROR = None
+_C: Optional[types.ModuleType] = None
+_LOAD_ERROR: Optional[ImportError] = None
 
 try:
-    from group_detr import _C  # noqa: F401  (loading it registers torch.ops.group_detr.*)
+    _C = importlib.import_module("group_detr._C")  # loading it registers torch.ops.group_detr.*
 except ImportError as exc:  # pragma: no cover - exercised only on installs without a build
     _LOAD_ERROR = exc
     warnings.warn(

@@ -256,9 +256,9 @@ def _solve_sanitized(cost: Tensor, num_targets: Tensor, backend: str):
     codes = _status_on_host(status)
     redo = np.flatnonzero((codes == STATUS_INVALID_ENTRY) | (codes == STATUS_INFEASIBLE))
     if redo.size:
-        redo = torch.from_numpy(redo)
-        counts = num_targets[redo]
-        matched[redo], status[redo] = _solve(sanitize_cost(cost[redo], counts), counts, backend)
+        rows = torch.from_numpy(redo)
+        counts = num_targets[rows]
+        matched[rows], status[rows] = _solve(sanitize_cost(cost[rows], counts), counts, backend)
     return matched, status
 
 

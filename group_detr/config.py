@@ -16,7 +16,7 @@ its data), read it in `group_detr.data.synthetic`, and set it in the presets tha
 """
 import dataclasses
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 
 @dataclass(frozen=True)
@@ -252,7 +252,7 @@ def config_to_dict(config: TrainConfig) -> Dict:
 
 def config_from_dict(values: Dict) -> TrainConfig:
     """Inverse of config_to_dict; unknown keys (from another version) are ignored."""
-    kwargs = {}
+    kwargs: Dict[str, Any] = {}
     for f in dataclasses.fields(TrainConfig):
         if f.name in values:
             value = values[f.name]

@@ -24,14 +24,14 @@ from typing import Callable, Dict, Optional, Sequence
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from group_detr import distributed
 from group_detr.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_NAME, check_checkpoint_matches, check_resume_matches,
                                    load_checkpoint, save_checkpoint)
 from group_detr.config import TrainConfig, config_from_dict, config_to_dict
 from group_detr.data.coco import CocoDetection
-from group_detr.data.loading import build_datasets, build_loader, build_val_dataset
+from group_detr.data.loading import build_datasets, build_loader, build_val_dataset, set_loader_epoch
 from group_detr.evaluation import evaluate
 from group_detr.matcher import GroupMatcher
 from group_detr.models.criterion import SetCriterion, default_weight_dict
@@ -83,7 +83,8 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
                              lr=config.lr, weight_decay=config.weight_decay, fused=fused or None)
 
 
-def build_lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int):
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig,
+                       steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Steps every iteration: a linear warm-up over the first `config.warmup_steps` steps (none
     by default, as in the paper), then the lr drops by 10x after
     `config.lr_drop_step(steps_per_epoch)` steps."""
@@ -189,7 +190,7 @@ class TrainingRun:
     model: GroupDETR
     criterion: SetCriterion
     optimizer: torch.optim.Optimizer
-    lr_scheduler: object
+    lr_scheduler: torch.optim.lr_scheduler.LambdaLR
     train_set: CocoDetection
     val_set: CocoDetection
     train_loader: DataLoader
@@ -276,7 +277,7 @@ def _train(config: TrainConfig, info: distributed.DistInfo, log: Callable[[str],
     num_classes = run.train_set.num_classes
     checkpoint_path = run.checkpoint_path
     log_path = os.path.join(config.output_dir, "log.jsonl")
-    model = model_without_ddp
+    model: nn.Module = model_without_ddp
     if info.distributed:
         # a rank whose batch has no target runs no denoising query, so the denoising parameters
         # get no gradient there in that step
@@ -290,11 +291,12 @@ def _train(config: TrainConfig, info: distributed.DistInfo, log: Callable[[str],
     for callback in callbacks:
         callback.on_train_start(run)
 
-    stats, table, predictions = {}, "", {}
+    stats: Dict[str, float] = {}
+    predictions: Dict[int, Dict] = {}
+    table = ""
     start_time = time.time()
     for epoch in range(run.start_epoch, config.epochs):
-        if isinstance(train_loader.batch_sampler.sampler, DistributedSampler):
-            train_loader.batch_sampler.sampler.set_epoch(epoch)
+        set_loader_epoch(train_loader, epoch)
         epoch_start = time.time()
         train_stats = train_one_epoch(model, run.criterion, train_loader, optimizer, lr_scheduler, device, epoch,
                                       config)

@@ -25,7 +25,7 @@ build an (L, L) mask; `dense_mask` builds one for the reference path and for use
 """
 from dataclasses import dataclass
 from numbers import Integral
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -213,7 +213,7 @@ def _merged_ranges(segments, visibility) -> Tuple[Tuple[Range, ...], ...]:
     """Per row of `visibility`, the union of the visible segments as sorted, merged ranges."""
     result = []
     for row in visibility:
-        ranges = []
+        ranges: List[Range] = []
         for (start, end), seen in zip(segments, row):
             if not seen:
                 continue

@@ -199,9 +199,9 @@ class GroupMatcher(nn.Module):
             raise ValueError(f"class_cost must be one of {CLASS_COSTS}, got {class_cost!r}")
         if cost_class == 0 and cost_bbox == 0 and cost_giou == 0 and cost_mask == 0 and cost_dice == 0:
             raise ValueError("all matching cost weights are 0")
-        for name, value in (("num_points", num_points), ("mask_point_sample_ratio", mask_point_sample_ratio)):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name, count in (("num_points", num_points), ("mask_point_sample_ratio", mask_point_sample_ratio)):
+            if count is not None and (not isinstance(count, int) or isinstance(count, bool) or count < 1):
+                raise ValueError(f"{name} must be a positive int, got {count!r}")
         _check_num_groups(num_groups)
         if cost_backend not in COST_BACKENDS:
             raise ValueError(f"cost_backend must be one of {COST_BACKENDS}, got {cost_backend!r}")

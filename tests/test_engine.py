@@ -365,13 +365,14 @@ def test_callbacks_see_the_run(synth_dir, tmp_path):
 
 
 def test_cli_demo_settings_follow_the_synthetic_preset():
-    from group_detr.__main__ import _config_from_args, _follow_the_preset
+    from group_detr.__main__ import _follow_the_preset
+    from group_detr.config import config_from_dict
     from group_detr.config import SYNTHETIC_PRESETS
 
     for name in SYNTHETIC_PRESETS:
         args = build_parser().parse_args(["demo", "--synthetic", name, "--epochs", "3"])
-        config = _follow_the_preset(_config_from_args(args))
+        config = _follow_the_preset(config_from_dict(vars(args)))
         assert config == demo_config(synthetic=name, epochs=3, resume=True)
-    given = _follow_the_preset(_config_from_args(build_parser().parse_args(
-        ["demo", "--synthetic", "hard", "--data-dir", "mine"])))
+    given = _follow_the_preset(config_from_dict(vars(build_parser().parse_args(
+        ["demo", "--synthetic", "hard", "--data-dir", "mine"]))))
     assert given.data_dir == "mine" and given.synthetic == "hard"

@@ -8,7 +8,7 @@ import random
 from typing import Tuple
 
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, Sampler, SequentialSampler
 
 from group_detr import distributed
 from group_detr.config import TrainConfig
@@ -42,7 +42,8 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(torch.initial_seed() % 2**32)
 
 
-def build_loader(dataset: Dataset, config: TrainConfig, train: bool) -> DataLoader:
+def build_loader(dataset: CocoDetection, config: TrainConfig, train: bool) -> DataLoader:
+    sampler: Sampler[int]
     if distributed.is_distributed():
         sampler = DistributedSampler(dataset, shuffle=train, seed=config.seed)
     elif train:
@@ -52,3 +53,11 @@ def build_loader(dataset: Dataset, config: TrainConfig, train: bool) -> DataLoad
     return DataLoader(dataset, batch_sampler=BatchSampler(sampler, config.batch_size, drop_last=False),
                       collate_fn=collate_fn, num_workers=config.num_workers, worker_init_fn=_seed_worker,
                       persistent_workers=config.num_workers > 0)
+
+
+def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
+    """A DistributedSampler reshuffles each epoch only when told the epoch; other samplers keep
+    their own generator's stream."""
+    batch_sampler = loader.batch_sampler
+    if isinstance(batch_sampler, BatchSampler) and isinstance(batch_sampler.sampler, DistributedSampler):
+        batch_sampler.sampler.set_epoch(epoch)

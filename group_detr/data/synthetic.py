@@ -23,7 +23,7 @@ import json
 import math
 import os
 import time
-from typing import Callable, Dict, List, Tuple, Union
+from typing import Any, Callable, Dict, List, Tuple, Union
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -40,6 +40,7 @@ GENERATOR_SETTINGS_KEY = "group_detr_synthetic"  # in the annotation files' "inf
 def _polygon(kind: str, cx: float, cy: float, size: float, angle: float) -> List[Tuple[float, float]]:
     """Vertices of a shape of diameter `size` centred at (cx, cy), rotated by `angle` radians."""
     r = size / 2
+    pts: List[Tuple[float, float]]
     if kind == "square":
         pts = [(-1, -1), (1, -1), (1, 1), (-1, 1)]
         scale = r / math.sqrt(2) * 1.3
@@ -190,7 +191,8 @@ def write_split(out_dir: str, split: str, num_images: int, preset: SyntheticPres
     os.makedirs(image_dir, exist_ok=True)
     os.makedirs(ann_dir, exist_ok=True)
     rng = np.random.default_rng(preset.seed + SPLIT_SEED_OFFSET.get(split, 0))
-    images, annotations = [], []
+    images: List[Dict[str, Any]] = []
+    annotations: List[Dict[str, Any]] = []
     for image_id in range(1, num_images + 1):
         # Mild aspect-ratio variation exercises padding masks in the collate.
         height = preset.image_size

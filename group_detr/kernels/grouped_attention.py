@@ -34,7 +34,7 @@ of group_detr.attention.
 import functools
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import triton
@@ -63,7 +63,7 @@ def _interpreter_index_of_one_element_arrays():
         patch(tensor, scope)
         scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
 
-    patched._squeezes_index = True
+    patched.__dict__["_squeezes_index"] = True  # a marker on the function object: patch once
     interpreter._patch_lang_tensor = patched
 
 
@@ -398,7 +398,9 @@ def schedule(layout: QueryLayout, tile: int, transpose: bool, device: torch.devi
     transpose=True: tiles of keys and the query ranges that see them (dK, dV).
     """
     per_segment = layout.visible_query_ranges() if transpose else layout.visible_key_ranges()
-    tiles, ranges, range_index = [], [], {}
+    tiles: List[Tuple[int, int, int, int]] = []
+    ranges: List[Tuple[int, int]] = []
+    range_index: Dict[Tuple[Tuple[int, int], ...], int] = {}
     for (start, end), seg_ranges in zip(layout.segments, per_segment):
         if seg_ranges not in range_index:  # segments with the same ranges share entries
             range_index[seg_ranges] = len(ranges)

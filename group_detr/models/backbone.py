@@ -10,6 +10,7 @@
 position encoding, which is what the transformer consumes.
 """
 import math
+import typing
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -23,6 +24,11 @@ class FrozenBatchNorm2d(nn.Module):
     Detection batches are too small for batch statistics; like DETR and the paper we keep the
     ImageNet ones. The buffer names match nn.BatchNorm2d so torchvision checkpoints load.
     """
+
+    weight: Tensor
+    bias: Tensor
+    running_mean: Tensor
+    running_var: Tensor
 
     def __init__(self, num_features: int, eps: float = 1e-5):
         super().__init__()
@@ -78,6 +84,11 @@ class ResNet50(nn.Module):
 
     num_channels = 2048
     stride = 32
+    # built in a loop by setattr; declared so that their type is known
+    layer1: nn.Sequential
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+    layer4: nn.Sequential
 
     def __init__(self, train_layers: Tuple[str, ...] = ("layer2", "layer3", "layer4")):
         super().__init__()
@@ -186,7 +197,8 @@ class Joiner(nn.Module):
             raise ValueError(f"hidden_dim must be even for the sine position encoding, got {hidden_dim}")
         self.body = body
         self.position_embedding = PositionEmbeddingSine(hidden_dim // 2)
-        self.num_channels = body.num_channels
+        # any body that declares its output width (SmallConvBackbone, ResNet50, a user's module)
+        self.num_channels = typing.cast(int, body.num_channels)
 
     def forward(self, images: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         features = self.body(images)
@@ -248,6 +260,7 @@ def load_backbone_weights(backbone: nn.Module, path: str) -> None:
 def build_backbone(name: str, hidden_dim: int, weights: Optional[str] = None,
                    small_widths: Tuple[int, ...] = (32, 64, 128, 256), small_norm: str = "batch") -> Joiner:
     """name: "small" (SmallConvBackbone) or "resnet50"; weights: optional local checkpoint path."""
+    body: nn.Module
     if name == "small":
         body = SmallConvBackbone(tuple(small_widths), small_norm)
     elif name == "resnet50":

@@ -12,6 +12,8 @@ denoising query (the contrastive negatives and the empty slots) by "no object" i
 loss, on every decoder layer, normalised by num_boxes * G for G denoising groups (DINO), and
 added to the K groups' losses as loss_ce_dn, loss_bbox_dn, loss_giou_dn (and `_{i}`).
 """
+import functools
+import operator
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -161,4 +163,7 @@ class SetCriterion(nn.Module):
                                      num_boxes * meta["num_groups"], "_dn")
 
     def weighted_sum(self, losses: Dict[str, Tensor]) -> Tensor:
-        return sum(losses[k] * self.weight_dict[k] for k in losses if k in self.weight_dict)
+        terms = [losses[k] * self.weight_dict[k] for k in losses if k in self.weight_dict]
+        if not terms:
+            raise ValueError(f"none of the losses {sorted(losses)} has a weight in weight_dict")
+        return functools.reduce(operator.add, terms)

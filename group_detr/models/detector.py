@@ -7,7 +7,8 @@ With a `ContrastiveDenoising` module, training also runs DINO's denoising querie
 K groups (`group_detr.models.denoising`); eval runs none.
 """
 import math
-from typing import Dict, Optional, Sequence
+import typing
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -60,8 +61,9 @@ class GroupDETR(nn.Module):
         # swamp the first iterations (RetinaNet; Conditional DETR).
         nn.init.constant_(self.class_embed.bias, -math.log((1 - 0.01) / 0.01))
         # Boxes start at the reference point with the size sigmoid(0) = 0.5.
-        nn.init.zeros_(self.bbox_embed.layers[-1].weight)
-        nn.init.zeros_(self.bbox_embed.layers[-1].bias)
+        box_head = typing.cast(nn.Linear, self.bbox_embed.layers[-1])
+        nn.init.zeros_(box_head.weight)
+        nn.init.zeros_(box_head.bias)
         self.layout = QueryLayout(num_groups=num_groups, queries_per_group=num_queries)
         self.denoising = denoising
 
@@ -132,7 +134,7 @@ class GroupDETR(nn.Module):
 
     def _outputs(self, logits: Tensor, boxes: Tensor) -> Dict:
         """The output dict of `(layers, B, Q, C)` logits and `(layers, B, Q, 4)` boxes."""
-        out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
+        out: Dict[str, Any] = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
         if self.aux_loss:
             out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
         return out

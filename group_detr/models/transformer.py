@@ -160,7 +160,7 @@ class ConditionalDecoderLayer(nn.Module):
         q_content = self.ca_qcontent_proj(tgt)
         k_content = self.ca_kcontent_proj(memory)
         k_pos = self.ca_kpos_proj(pos)
-        if self.is_first:
+        if self.ca_qpos_proj is not None:  # the first layer only (Conditional DETR)
             q_content = q_content + self.ca_qpos_proj(query_pos)
             k_content = k_content + k_pos
         q = self._heads_concat(q_content, self.ca_qpos_sine_proj(query_sine_embed))
