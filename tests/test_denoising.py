@@ -378,3 +378,10 @@ def test_a_training_run_with_denoising_logs_its_losses_and_layouts(tmp_path):
     assert record["train_denoising_layouts"] >= 1
     assert record["train_loss_ce_dn"] > 0 and record["train_loss_giou_dn"] > 0
     assert result["model"].denoising is not None
+
+
+def test_weighted_sum_with_no_weighted_loss_is_a_value_error():
+    criterion = tiny_criterion(denoising=False)
+    assert criterion.weighted_sum({"loss_ce": torch.tensor(2.0)}).item() == 2.0 * criterion.weight_dict["loss_ce"]
+    with pytest.raises(ValueError, match="has a weight in weight_dict"):
+        criterion.weighted_sum({"loss_unknown": torch.tensor(1.0)})
