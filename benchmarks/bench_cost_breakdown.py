@@ -18,8 +18,9 @@ ratios to the solve: whole / solve is the op's share of GroupMatcher's "/ assign
 (class term + solve) / solve is what that ratio would be were L1 and GIoU free.
 
     python benchmarks/bench_cost_breakdown.py            # g++ builds the harness (a few seconds)
+    python benchmarks/bench_cost_breakdown.py --class-cost focal_logsigmoid
 
-Writes benchmarks/results/cost_breakdown-<machine>.json.
+Writes benchmarks/results/cost_breakdown-<machine>.json (-focal_logsigmoid.json for that cost).
 """
 import argparse
 import ctypes
@@ -37,6 +38,7 @@ from workloads import matcher_inputs, select_workloads
 SOURCE = os.path.join(common.HERE, "cost_breakdown.cpp")
 CSRC = os.path.join(common.ROOT, "csrc")
 PARTS = ("whole", "cost", "class_term", "gather", "solve")
+CLASS_COSTS = ("focal", "focal_logsigmoid")
 DERIVED = ("focal_term", "box_terms")
 
 
@@ -63,11 +65,12 @@ def build_harness(build_dir):
 def load_harness(library):
     lib = ctypes.CDLL(library)
     lib.cost_breakdown.restype = ctypes.c_int
-    lib.cost_breakdown.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 5 + [ctypes.c_void_p]
+    lib.cost_breakdown.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_int64] * 4
+                                   + [ctypes.c_char_p, ctypes.c_int64, ctypes.c_void_p])
     return lib
 
 
-def run_workload(lib, spec, repeats):
+def run_workload(lib, spec, repeats, class_cost="focal"):
     outputs, targets = matcher_inputs(spec)
     arrays = [
         np.ascontiguousarray(outputs["pred_logits"].numpy(), dtype=np.float32),
@@ -79,7 +82,8 @@ def run_workload(lib, spec, repeats):
     batch, num_queries, num_classes = arrays[0].shape
     times = np.zeros((len(PARTS), repeats))
     failed = lib.cost_breakdown(*(a.ctypes.data for a in arrays), batch, num_queries,
-                                num_classes, spec["groups"], repeats, times.ctypes.data)
+                                num_classes, spec["groups"], class_cost.encode(), repeats,
+                                times.ctypes.data)
     if failed:
         raise RuntimeError("the whole pass and the solve of the stored tiles disagree")
     parts = {name: {"min_ms": float(t.min()), "median_ms": float(np.median(t))}
@@ -97,8 +101,8 @@ def run_workload(lib, spec, repeats):
 
 
 def print_table(report):
-    print("\nGroupMatcher's CPU op in parts, one thread, ms (min / median over "
-          f"{report['repeats']} interleaved repeats)")
+    print(f"\nGroupMatcher's CPU op in parts, class cost {report['class_cost']!r}, one thread, ms "
+          f"(min / median over {report['repeats']} interleaved repeats)")
     print(f"{'workload':12s} " + " ".join(f"{p:>15s}" for p in PARTS + DERIVED)
           + f" {'whole/solve':>11s} {'(class+solve)/solve':>19s}")
     for name, r in report["workloads"].items():
@@ -115,6 +119,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workloads", nargs="*", help="subset of workload names")
     parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--class-cost", default="focal", choices=CLASS_COSTS,
+                        help="the focal cost's form (the class and focal terms change with it)")
     parser.add_argument("--build-dir", default=os.path.join(common.ROOT, "build", "bench"))
     parser.add_argument("--quick", action="store_true", help="few repeats, no results file")
     parser.add_argument("--out",
@@ -132,19 +138,20 @@ def main(argv=None):
     torch.set_num_threads(1)  # the harness runs on one thread: the report's header says so
     try:
         report = {"benchmark": "cost_breakdown", **common.environment(device),
-                  "repeats": args.repeats, "workloads": {}}
+                  "repeats": args.repeats, "class_cost": args.class_cost, "workloads": {}}
     finally:
         torch.set_num_threads(threads)
     for name, spec in workloads.items():
         print(f"running {name} ...", flush=True)
-        report["workloads"][name] = run_workload(lib, spec, args.repeats)
+        report["workloads"][name] = run_workload(lib, spec, args.repeats, args.class_cost)
     report["load_average_after"] = list(os.getloadavg())
     print_table(report)
     print(f"\n{report['device_name']}; load average before / after: {report['load_average']} / "
           f"{report['load_average_after']}")
     if not args.quick:
-        common.write_results(report, args.out or common.results_path("cost_breakdown",
-                                                                     report["machine"]))
+        suffix = "" if args.class_cost == "focal" else f"-{args.class_cost}"
+        common.write_results(report, args.out or common.results_path(
+            "cost_breakdown", report["machine"], suffix=suffix))
     return report
 
 

@@ -24,6 +24,7 @@ struct Inputs {
   const float* target_boxes; // (S, 4)
   const int64_t* num_targets;
   int64_t batch, num_queries, num_classes, num_groups;
+  const char* class_cost;    // "focal" or "focal_logsigmoid"
 };
 
 class Problems {
@@ -57,11 +58,11 @@ class Problems {
           for (int k = 0; k < 4; ++k) out4[k] = in_.target_boxes[4 * (first_[b] + m) + k];
         },
         &bad);
-    // GroupMatcher's defaults: focal class cost 2, L1 5, GIoU 2; the class term alone drops
-    // the two box terms (a zero weight skips its term).
+    // GroupMatcher's defaults: class cost 2, L1 5, GIoU 2; the class term alone drops the two
+    // box terms (a zero weight skips its term).
     const bool boxes = part != kClassTerm;
-    const cost::CostParams params =
-        cost::make_params(2.0, boxes ? 5.0 : 0.0, boxes ? 2.0 : 0.0, "focal", 0.25, 2.0);
+    const cost::CostParams params = cost::make_params(2.0, boxes ? 5.0 : 0.0, boxes ? 2.0 : 0.0,
+                                                      in_.class_cost, 0.25, 2.0);
     const cost::Isa isa = cost::cost_isa();
     const cost::Predictions<float, float> pred{
         in_.logits, in_.num_queries * in_.num_classes, in_.num_classes, 1, in_.pred_boxes,
@@ -115,9 +116,10 @@ class Problems {
 extern "C" int cost_breakdown(const float* logits, const float* pred_boxes, const int64_t* labels,
                               const float* target_boxes, const int64_t* num_targets,
                               int64_t batch, int64_t num_queries, int64_t num_classes,
-                              int64_t num_groups, int64_t repeats, double* out_ms) {
+                              int64_t num_groups, const char* class_cost, int64_t repeats,
+                              double* out_ms) {
   const Inputs in{logits, pred_boxes, labels, target_boxes, num_targets,
-                  batch, num_queries, num_classes, num_groups};
+                  batch, num_queries, num_classes, num_groups, class_cost};
   Problems problems(in);
   const std::vector<float> solved_tiles = problems.all_tiles();
   std::vector<float> tile(problems.tile_size());

@@ -8,7 +8,12 @@ one of two backends:
 - "fused": the extension's `group_detr::match_cost` op (csrc/cost, CPU): one pass from the
   inputs to the cost, 16 queries per block (AVX-512 or AVX2 where the CPU has it), the class term once per
   (query, distinct target class), blocks of queries over the intra-op threads, no temporaries.
-  It agrees with the reference to a few float32 ulp (its exp/log are not torch's), not bitwise.
+  Its sigmoid, exp, log and log1p are the algorithms torch's vectorised CPU kernels run
+  (Sleef's), so on x86-64 the "focal_logsigmoid" cost and the sigmoid are torch's bit for bit.
+  The "focal" cost's log is not: torch's `Tensor.log` on x86-64 is MKL's, which cannot be
+  reproduced (about 3% of its results are 1 ulp from Sleef's), nor is the softmax (another
+  summation order) or p^gamma for a gamma other than 2 (torch: Sleef's powf): those agree with
+  the reference to a few float32 ulp. README "Exact ties" says what that means for indices.
 
 "auto" takes "fused" for CPU tensors when it is built and no gradient is asked for, else "torch".
 """
@@ -20,7 +25,6 @@ from group_detr import _ext
 from group_detr.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 
 CLASS_COSTS = ("focal", "focal_logsigmoid", "softmax")
-FUSED_CLASS_COSTS = ("focal", "softmax")  # what csrc/cost computes; the rest run on the torch path
 COST_BACKENDS = ("auto", "torch", "fused")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -66,16 +70,12 @@ def match_cost_torch(logits: Tensor, pred_boxes: Tensor, labels: Tensor, tgt_box
     return cost
 
 
-def resolve_cost_backend(backend: str, *tensors: Tensor, class_cost: str = "focal") -> str:
+def resolve_cost_backend(backend: str, *tensors: Tensor) -> str:
     """"torch" or "fused" for these inputs; ValueError for an unknown or unusable backend."""
     if backend not in COST_BACKENDS:
         raise ValueError(f"cost backend must be one of {COST_BACKENDS}, got {backend!r}")
-    if backend == "fused" and class_cost not in FUSED_CLASS_COSTS:
-        raise ValueError(f"cost backend 'fused' computes class_cost {FUSED_CLASS_COSTS}, not "
-                         f"{class_cost!r}: use cost_backend='torch' or 'auto' (which takes torch)")
     fused_ok = (
-        class_cost in FUSED_CLASS_COSTS
-        and _ext.has_match_cost_cpu()
+        _ext.has_match_cost_cpu()
         and all(t.device.type == "cpu" for t in tensors)
         and all(t.dtype in _FLOAT_DTYPES for t in tensors[:2])
     )
@@ -105,8 +105,8 @@ def match_cost(logits: Tensor, pred_boxes: Tensor, labels: Tensor, tgt_boxes: Te
         tgt_boxes: `(B, M_max, 4)` target boxes, cxcywh (padding rows hold a valid box).
         cost_class, cost_bbox, cost_giou: weights of the class, L1 and GIoU terms (a zero L1 or
             GIoU weight skips its term).
-        class_cost: "focal" (Deformable DETR, DINO, LW-DETR), "focal_logsigmoid" (RF-DETR;
-            the torch path only) or "softmax" (DETR: -prob); see `class_cost_torch`.
+        class_cost: "focal" (Deformable DETR, DINO, LW-DETR), "focal_logsigmoid" (RF-DETR)
+            or "softmax" (DETR: -prob); see `class_cost_torch`.
         focal_alpha, focal_gamma: focal cost parameters.
         num_targets: optional B ints, the valid targets M_i per image. The fused op then
             computes only image i's first M_i columns and leaves the padding at 0 (the solver
@@ -117,8 +117,7 @@ def match_cost(logits: Tensor, pred_boxes: Tensor, labels: Tensor, tgt_boxes: Te
     """
     if class_cost not in CLASS_COSTS:
         raise ValueError(f"class_cost must be one of {CLASS_COSTS}, got {class_cost!r}")
-    if resolve_cost_backend(backend, logits, pred_boxes, labels, tgt_boxes,
-                            class_cost=class_cost) == "fused":
+    if resolve_cost_backend(backend, logits, pred_boxes, labels, tgt_boxes) == "fused":
         return torch.ops.group_detr.match_cost(
             logits, pred_boxes, labels, tgt_boxes, float(cost_class), float(cost_bbox),
             float(cost_giou), class_cost, float(focal_alpha), float(focal_gamma),

@@ -129,8 +129,8 @@ class GroupMatcher(nn.Module):
             (Group DETR's defaults 2 / 5 / 2).
         num_groups: default number of query groups K (1 = plain DETR matching).
         class_cost: "focal" (Deformable/Conditional DETR, DINO, LW-DETR: log(p + 1e-8)),
-            "focal_logsigmoid" (RF-DETR: logsigmoid; the torch cost path) or "softmax" (DETR:
-            -prob); `group_detr.match_cost.class_cost_torch`.
+            "focal_logsigmoid" (RF-DETR: logsigmoid) or "softmax" (DETR: -prob);
+            `group_detr.match_cost.class_cost_torch`.
         focal_alpha, focal_gamma: focal cost parameters.
         backend: solver backend, see `group_detr.linear_sum_assignment`.
         cost_backend: how the cost is computed, see `group_detr.match_cost`: "auto" (the
@@ -293,8 +293,7 @@ class GroupMatcher(nn.Module):
         intra-op threads once. Measured on the 2-core CPU: benchmarks/bench_matcher.py."""
         return ("pred_masks" not in outputs and self.backend in ("auto", "cpu")
                 and _ext.has_group_match_cpu()
-                and resolve_cost_backend(self.cost_backend, logits, pred_boxes,
-                                         class_cost=self.class_cost) == "fused")
+                and resolve_cost_backend(self.cost_backend, logits, pred_boxes) == "fused")
 
     def _match_in_one_pass(self, logits: Tensor, pred_boxes: Tensor, targets, num_groups):
         num_groups = self.num_groups if num_groups is None else num_groups

@@ -7,18 +7,23 @@ optimum is unique); the benchmarks measure it against this.
 """
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from group_detr.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from group_detr.match_cost import CLASS_COSTS
 
 
 class ReferenceGroupMatcher(nn.Module):
-    """Same arguments and return format as `GroupMatcher` (focal or softmax class cost)."""
+    """Same arguments and return format as `GroupMatcher` (its three class costs: "focal" as
+    LW-DETR computes it, "focal_logsigmoid" as RF-DETR does, "softmax" as DETR does)."""
 
     def __init__(self, cost_class=2.0, cost_bbox=5.0, cost_giou=2.0, num_groups=1,
                  class_cost="focal", focal_alpha=0.25, focal_gamma=2.0):
         super().__init__()
+        if class_cost not in CLASS_COSTS:
+            raise ValueError(f"class_cost must be one of {CLASS_COSTS}, got {class_cost!r}")
         self.cost_class, self.cost_bbox, self.cost_giou = cost_class, cost_bbox, cost_giou
         self.num_groups, self.class_cost = num_groups, class_cost
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
@@ -31,11 +36,15 @@ class ReferenceGroupMatcher(nn.Module):
         out_bbox = outputs["pred_boxes"].flatten(0, 1).float()
         tgt_ids = torch.cat([v["labels"] for v in targets])
         tgt_bbox = torch.cat([v["boxes"] for v in targets]).float()
-        if self.class_cost == "focal":
+        if self.class_cost in ("focal", "focal_logsigmoid"):
             out_prob = logits.sigmoid()
             alpha, gamma = self.focal_alpha, self.focal_gamma
-            neg = (1 - alpha) * (out_prob**gamma) * (-(1 - out_prob + 1e-8).log())
-            pos = alpha * ((1 - out_prob) ** gamma) * (-(out_prob + 1e-8).log())
+            if self.class_cost == "focal":
+                log_prob, log_not_prob = (out_prob + 1e-8).log(), (1 - out_prob + 1e-8).log()
+            else:
+                log_prob, log_not_prob = F.logsigmoid(logits), F.logsigmoid(-logits)
+            neg = (1 - alpha) * (out_prob**gamma) * (-log_not_prob)
+            pos = alpha * ((1 - out_prob) ** gamma) * (-log_prob)
             cost_class = pos[:, tgt_ids] - neg[:, tgt_ids]
         else:
             cost_class = -logits.softmax(-1)[:, tgt_ids]

@@ -140,7 +140,7 @@ def test_fuzz_match_cost(data):
         counts = [data.draw(st.integers(-1, targets + 1)) for _ in range(batch)]
     args = [layout(data, t.to(d)) for t, d in zip((logits, pred_boxes, tgt_boxes), dtypes)]
     logits_in, pred_in, tgt_in = args
-    class_cost = data.draw(st.sampled_from(["focal", "softmax", "sigmoid"]))
+    class_cost = data.draw(st.sampled_from(["focal", "focal_logsigmoid", "softmax", "sigmoid"]))
     weights = data.draw(st.sampled_from([(2.0, 5.0, 2.0), (1.0, 0.0, 0.0), (0.0, 1.0, 1.0)]))
     gamma = data.draw(st.sampled_from([2.0, 1.5, 0.0]))
 
@@ -148,7 +148,7 @@ def test_fuzz_match_cost(data):
     contract = (
         all(d != torch.int64 for d in dtypes)
         and labels.dtype == torch.int64
-        and class_cost in ("focal", "softmax")
+        and class_cost in ("focal", "focal_logsigmoid", "softmax")
         and all(0 <= m <= targets for m in valid)
         and (counts is None or len(counts) == batch)
         and (classes > 0 or targets == 0 or queries == 0)

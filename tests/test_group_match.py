@@ -52,7 +52,7 @@ def outcome(fn):
 @settings(max_examples=150, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), num_images=st.integers(0, 4), num_groups=st.integers(1, 4),
        per_group=st.integers(1, 20), num_classes=st.integers(1, 12), max_targets=st.integers(0, 25),
-       dtype=st.sampled_from(DTYPES), class_cost=st.sampled_from(["focal", "softmax"]),
+       dtype=st.sampled_from(DTYPES), class_cost=st.sampled_from(["focal", "focal_logsigmoid", "softmax"]),
        quantise=st.booleans(), validate=st.booleans(),
        bad=st.sampled_from([None, None, float("nan"), float("inf"), float("-inf")]),
        bad_fraction=st.floats(0.0, 0.3))
@@ -115,7 +115,7 @@ def test_opcheck():
     outputs, targets = random_batch(1, 3, 2, 6, 5, 4, torch.float32, False, None, 0.0)
     labels = [t["labels"] for t in targets]
     boxes = [t["boxes"] for t in targets]
-    for class_cost in ("focal", "softmax"):
+    for class_cost in ("focal", "focal_logsigmoid", "softmax"):
         for validate in (True, False):
             torch.library.opcheck(
                 torch.ops.group_detr.group_match.default,
@@ -155,7 +155,7 @@ def test_op_returns_each_images_pairs():
     ("label_high", ValueError, r"target 0 has class id 5 outside \[0, 3\)"),
     ("box_nan", ValueError, "target boxes contain NaN or infinite values"),
     ("box_negative", ValueError, "negative width or height"),
-    ("class_cost", ValueError, "class_cost must be 'focal' or 'softmax'"),
+    ("class_cost", ValueError, "class_cost must be 'focal', 'focal_logsigmoid' or 'softmax'"),
 ])
 def test_op_bad_input(case, error, message):
     args = op_inputs()

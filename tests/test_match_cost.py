@@ -15,8 +15,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 WORKLOADS = load_workloads("matcher")
-# The op's exp/log are Cephes' (<= 2 ulp), torch's are Sleef's (<= 1 ulp): a few ulp of the
-# largest term (the focal cost's -log(1e-8) = 18.4 times its weight) apart.
+# The op's classic focal log and softmax exp are Cephes' (<= 2 ulp), torch's MKL's or Sleef's
+# (<= 1 ulp): a few ulp of the largest term (the focal cost's -log(1e-8) = 18.4 times its
+# weight) apart. Its sigmoid and log-sigmoid are torch's bit for bit (tests/test_client_compat.py).
 ATOL, RTOL = 2e-5, 1e-5
 
 
@@ -39,7 +40,7 @@ def both(logits, pred_boxes, labels, tgt_boxes, **kwargs):
 @given(
     shape=st.tuples(st.integers(0, 3), st.integers(0, 24), st.integers(1, 20), st.integers(0, 19)),
     seed=st.integers(0, 2**31 - 1),
-    class_cost=st.sampled_from(["focal", "softmax"]),
+    class_cost=st.sampled_from(["focal", "focal_logsigmoid", "softmax"]),
     dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64]),
     weights=st.sampled_from([(2.0, 5.0, 2.0), (1.0, 0.0, 0.0), (0.0, 5.0, 0.0), (0.0, 0.0, 2.0),
                              (0.0, 1.0, 1.0), (3.5, 0.0, 1.0)]),
@@ -73,7 +74,8 @@ def test_every_build_gives_the_same_bits():
     same order (blocks of 16 queries, 16 partial sums per softmax row at every width)."""
     gen = torch.Generator().manual_seed(0)
     inputs = random_inputs(gen, 2, 50, 91, 23, scale=8.0)
-    for class_cost, gamma in (("focal", 2.0), ("focal", 1.5), ("softmax", 2.0)):
+    for class_cost, gamma in (("focal", 2.0), ("focal", 1.5), ("focal_logsigmoid", 2.0),
+                              ("softmax", 2.0)):
         kwargs = dict(class_cost=class_cost, focal_gamma=gamma)
         costs = {}
         for build in CPU_BUILDS:
@@ -95,7 +97,7 @@ def test_the_cap_selects_the_build():
         assert _ext.match_cost_isa() == ("portable" if best == "portable" else "avx2")
 
 
-@pytest.mark.parametrize("class_cost", ["focal", "softmax"])
+@pytest.mark.parametrize("class_cost", ["focal", "focal_logsigmoid", "softmax"])
 def test_extreme_and_non_finite_logits(each_cpu_build, class_cost):
     """Huge, infinite and NaN logits give the reference's values, infinities and NaNs."""
     gen = torch.Generator().manual_seed(1)
@@ -131,7 +133,7 @@ def problem_totals(cost, matched):
 
 
 @pytest.mark.parametrize("name", sorted(WORKLOADS))
-@pytest.mark.parametrize("class_cost", ["focal", "softmax"])
+@pytest.mark.parametrize("class_cost", ["focal", "focal_logsigmoid", "softmax"])
 def test_assignment_on_workloads(name, class_cost):
     """The solver on the fused cost finds the reference cost's optimum: equal total cost, and
     the same indices wherever the optimum is unique by more than the costs' difference."""
@@ -172,7 +174,7 @@ def test_assignment_on_workloads(name, class_cost):
     assert same >= len(ours) - int(differ.sum())
 
 
-@pytest.mark.parametrize("class_cost", ["focal", "softmax"])
+@pytest.mark.parametrize("class_cost", ["focal", "focal_logsigmoid", "softmax"])
 def test_num_targets_computes_only_valid_columns(each_cpu_build, class_cost):
     gen = torch.Generator().manual_seed(7)
     inputs = random_inputs(gen, 4, 30, 7, 19)
@@ -206,7 +208,7 @@ def test_opcheck():
     gen = torch.Generator().manual_seed(4)
     for batch, queries, classes, targets in ((2, 7, 5, 3), (1, 4, 3, 0), (0, 3, 2, 2)):
         inputs = random_inputs(gen, batch, queries, classes, targets)
-        for class_cost in ("focal", "softmax"):
+        for class_cost in ("focal", "focal_logsigmoid", "softmax"):
             for num_targets in (None, [min(targets, 1 + b) for b in range(batch)]):
                 torch.library.opcheck(torch.ops.group_detr.match_cost.default,
                                       (*inputs, 2.0, 5.0, 2.0, class_cost, 0.25, 2.0, num_targets))
@@ -232,7 +234,7 @@ def test_bad_backend_and_class_cost():
         match_cost(*good_inputs(), class_cost="sigmoid")
     with pytest.raises(ValueError, match="cost_backend must be one of"):
         GroupMatcher(cost_backend="fast")
-    with pytest.raises(ValueError, match="class_cost must be 'focal' or 'softmax'"):
+    with pytest.raises(ValueError, match="class_cost must be 'focal', 'focal_logsigmoid' or 'softmax'"):
         torch.ops.group_detr.match_cost(*good_inputs(), 2.0, 5.0, 2.0, "sigmoid", 0.25, 2.0)
 
 

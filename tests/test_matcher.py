@@ -22,7 +22,7 @@ def group_totals(cost, indices, num_groups, queries_per_group):
 
 
 @pytest.mark.parametrize("name", sorted(WORKLOADS))
-@pytest.mark.parametrize("class_cost", ["focal", "softmax"])
+@pytest.mark.parametrize("class_cost", ["focal", "focal_logsigmoid", "softmax"])
 def test_equals_reference_matcher_on_workloads(name, class_cost):
     spec = WORKLOADS[name]
     outputs, targets = matcher_inputs(spec)
@@ -197,6 +197,8 @@ def test_bad_arguments():
         GroupMatcher(num_groups=0)
     with pytest.raises(ValueError, match="class_cost must be one of"):
         GroupMatcher(class_cost="sigmoid")
+    with pytest.raises(ValueError, match="class_cost must be one of"):
+        ReferenceGroupMatcher(class_cost="sigmoid")
     with pytest.raises(ValueError, match="num_targets has 2 entries for 3 images"):
         GroupMatcher(num_groups=4).assign(torch.rand(3, 40, 2), [1, 2])
 

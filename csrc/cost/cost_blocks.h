@@ -53,6 +53,7 @@ inline CostParams make_params(double cost_class, double cost_bbox, double cost_g
   params.use_bbox = cost_bbox != 0.0;
   params.use_giou = cost_giou != 0.0;
   params.softmax = class_cost == "softmax";
+  params.logsigmoid = class_cost == "focal_logsigmoid";
   params.alpha = static_cast<float>(focal_alpha);
   params.one_minus_alpha = static_cast<float>(1.0 - focal_alpha);
   params.gamma = static_cast<float>(focal_gamma);

@@ -21,6 +21,7 @@ struct CostParams {
   float w_class, w_bbox, w_giou;
   bool use_bbox, use_giou;  // a zero weight skips its term, as the reference does
   bool softmax;             // else focal
+  bool logsigmoid;          // focal with log p, log(1 - p) as logsigmoid(x), logsigmoid(-x)
   float alpha, one_minus_alpha, gamma;
   bool gamma_is_two;
 };
@@ -71,14 +72,16 @@ inline V max_(V a, V b) { return a > b ? a : b; }
 inline V fmadd(V a, V b, V c) { return std::fma(a, b, c); }  // a * b + c, rounded once
 inline V abs_(V a) { return std::fabs(a); }
 inline V floor_(V a) { return std::floor(a); }
+inline V round_(V a) { return std::nearbyint(a); }  // to nearest, ties to even
 inline V select(Mask m, V a, V b) { return m ? a : b; }
 inline Mask lt(V a, V b) { return a < b; }
 inline Mask gt(V a, V b) { return a > b; }
 inline Mask eq(V a, V b) { return a == b; }
 inline Mask is_nan(V a) { return a != a; }
-// 2^n for an integer-valued n in [-126, 127].
+// 2^n for an integer-valued n in [-126, 127]. Another n (the vector builds read any float) gives
+// 2^0 here rather than an undefined conversion; callers select such lanes away.
 inline V pow2n(V n) {
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  const int32_t bits = ((n >= -126.0f && n <= 127.0f) ? static_cast<int32_t>(n) + 127 : 127) << 23;
   float out;
   std::memcpy(&out, &bits, sizeof out);
   return out;
@@ -116,6 +119,7 @@ inline V min_(V a, V b) { return {_mm256_min_ps(a.v, b.v)}; }
 inline V max_(V a, V b) { return {_mm256_max_ps(a.v, b.v)}; }
 inline V abs_(V a) { return {_mm256_andnot_ps(_mm256_set1_ps(-0.0f), a.v)}; }
 inline V floor_(V a) { return {_mm256_floor_ps(a.v)}; }
+inline V round_(V a) { return {_mm256_round_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
 inline V select(Mask m, V a, V b) { return {_mm256_blendv_ps(b.v, a.v, m.v)}; }
 inline Mask lt(V a, V b) { return {_mm256_cmp_ps(a.v, b.v, _CMP_LT_OQ)}; }
 inline Mask gt(V a, V b) { return {_mm256_cmp_ps(a.v, b.v, _CMP_GT_OQ)}; }
@@ -162,6 +166,9 @@ inline V max_(V a, V b) { return {_mm512_max_ps(a.v, b.v)}; }
 inline V abs_(V a) { return {_mm512_abs_ps(a.v)}; }
 inline V floor_(V a) {
   return {_mm512_roundscale_ps(a.v, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC)};
+}
+inline V round_(V a) {
+  return {_mm512_roundscale_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
 }
 inline V select(Mask m, V a, V b) { return {_mm512_mask_blend_ps(m.m, b.v, a.v)}; }
 inline Mask lt(V a, V b) { return {_mm512_cmp_ps_mask(a.v, b.v, _CMP_LT_OQ)}; }

@@ -25,8 +25,10 @@ inline void check_predictions(const char* op, const at::Tensor& logits,
                               const at::Tensor& pred_boxes, const std::string& class_cost) {
   check_float_on_cpu(op, logits);
   check_float_on_cpu(op, pred_boxes);
-  TORCH_CHECK_VALUE(class_cost == "focal" || class_cost == "softmax", op,
-                    ": class_cost must be 'focal' or 'softmax', got '", class_cost, "'");
+  TORCH_CHECK_VALUE(class_cost == "focal" || class_cost == "focal_logsigmoid" ||
+                        class_cost == "softmax",
+                    op, ": class_cost must be 'focal', 'focal_logsigmoid' or 'softmax', got '",
+                    class_cost, "'");
 }
 
 inline void check_targets(const char* op, const at::Tensor& labels,
