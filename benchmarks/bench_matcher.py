@@ -25,6 +25,7 @@ benchmarks/results/matcher-<machine>.json.
 
     python benchmarks/bench_matcher.py                 # CPU, all workloads
     python benchmarks/bench_matcher.py --device cuda   # GPU: ours on the device vs the host paths
+    python benchmarks/bench_matcher.py --class-cost focal_logsigmoid   # RF-DETR's class cost
 """
 import argparse
 import os
@@ -36,6 +37,7 @@ from scipy.optimize import linear_sum_assignment as scipy_lsa
 import common
 import group_detr
 from group_detr import GroupMatcher, _ext, linear_sum_assignment
+from group_detr.match_cost import CLASS_COSTS
 from group_detr.reference import ReferenceGroupMatcher
 from workloads import matcher_inputs, select_workloads
 
@@ -143,11 +145,11 @@ def tla_per_image(solve, cost, counts, num_groups):
 
 # ------------------------------------------------------------------------------ the workloads
 
-def run_workload(name, spec, device, repeats, warmup, threads):
+def run_workload(name, spec, device, repeats, warmup, threads, class_cost="focal"):
     outputs, targets = matcher_inputs(spec, device)
     num_groups, queries_per_group = spec["groups"], spec["queries_per_group"]
-    matcher = GroupMatcher(num_groups=num_groups)
-    reference = ReferenceGroupMatcher(num_groups=num_groups)
+    matcher = GroupMatcher(num_groups=num_groups, class_cost=class_cost)
+    reference = ReferenceGroupMatcher(num_groups=num_groups, class_cost=class_cost)
 
     padded, sizes = matcher.cost_matrix(outputs, targets)
     batch, _, max_targets = padded.shape
@@ -212,7 +214,8 @@ def run_workload(name, spec, device, repeats, warmup, threads):
     # (b) the whole matcher, from the model's outputs to DETR's index lists.
     # The fused cost differs from torch's in the last float32 bits: the optimum is checked by
     # its total under the reference cost (tests/test_match_cost.py checks the indices).
-    torch_cost_matcher = GroupMatcher(num_groups=num_groups, cost_backend="torch")
+    torch_cost_matcher = GroupMatcher(num_groups=num_groups, class_cost=class_cost,
+                                      cost_backend="torch")
     ref_idx = reference(outputs, targets)
     for contender in (matcher, torch_cost_matcher):
         idx = contender(outputs, targets)
@@ -283,8 +286,9 @@ def print_table(report):
             else:
                 cells.append(f"{t['median_ms']:12.3f} ({r['assignment_speedup'][c]:6.1f}x)  ")
         print(f"{name:12s} {r['problems']:8d} " + " ".join(cells))
-    print("\nwhole matcher (cost + assignment + DETR index lists), median ms; GroupMatcher's "
-          "speed-up over each, and its time over its own assignment time")
+    print(f"\nwhole matcher (cost + assignment + DETR index lists), class cost "
+          f"{report.get('class_cost', 'focal')!r}, median ms; GroupMatcher's speed-up over each, "
+          "and its time over its own assignment time")
     print(f"{'workload':12s} {'GroupMatcher':>12s} {'two steps':>10s} {'torch cost':>18s} "
           f"{'reference':>18s} {'/ assignment':>12s} {'logits read':>11s} {'floor':>6s}")
     for name, r in report["workloads"].items():
@@ -313,8 +317,11 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="threads for our CPU solver and lapx (default: torch's)")
+    parser.add_argument("--class-cost", default="focal", choices=CLASS_COSTS,
+                        help="every matcher's class cost (default focal)")
     parser.add_argument("--quick", action="store_true", help="few repeats, no results file")
-    parser.add_argument("--out", help="results file (default results/matcher-<machine>.json)")
+    parser.add_argument("--out", help="results file (default results/matcher-<machine>.json; "
+                                      "-<class cost> added for another class cost)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -335,6 +342,7 @@ def main(argv=None):
         "backends": group_detr.backends(),
         "cpu_scan": _ext.lsa_cpu_scan(),
         "cost_isa": _ext.match_cost_isa(),
+        "class_cost": args.class_cost,
         "workloads": {},
     }
     try:
@@ -351,14 +359,16 @@ def main(argv=None):
     for name, spec in workloads.items():
         print(f"running {name} ...", flush=True)
         report["workloads"][name] = run_workload(name, spec, device, args.repeats,
-                                                 args.warmup, args.threads)
+                                                 args.warmup, args.threads, args.class_cost)
     report["load_average_after"] = list(os.getloadavg())
     print_table(report)
     print(f"\nsolver scan {report['cpu_scan']}, cost kernel {report['cost_isa']} "
           f"({report['device_name']}); load average before / after: {report['load_average']} / "
           f"{report['load_average_after']}")
     if not args.quick:
-        common.write_results(report, args.out or common.results_path("matcher", report["machine"]))
+        suffix = "" if args.class_cost == "focal" else f"-{args.class_cost}"
+        common.write_results(report, args.out or common.results_path("matcher", report["machine"],
+                                                                     suffix=suffix))
     return report
 
 

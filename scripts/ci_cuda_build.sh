@@ -4,7 +4,8 @@
 # setup.py finds), the library imported, and tests/test_cuda_build.py with
 # GROUP_DETR_EXPECT_CUDA_BUILD=1 (batched_lsa's CUDA kernel registered, sm_80/sm_90 machine code
 # and PTX in the library, the kernel's registers/stack/spills/shared memory within limits) plus
-# tests/test_lsa_cuda.py (the CUDA build's CPU paths; its GPU tests skip).
+# tests/test_lsa_cuda.py (the CUDA build's CPU paths; its GPU tests skip); then the same build
+# as a wheel, checked as a user installs it (libcudart from torch, no CUDA_HOME needed).
 #
 # The copy keeps the checkout's own in-place build (the CPU torch's group_detr/_C*.so) intact.
 # Without a CUDA toolkit it says so and exits 0. Settings (environment):
@@ -72,4 +73,15 @@ step "import and tests: $CUDA_TESTS"
 # shellcheck disable=SC2086
 (cd "$SRC" && GROUP_DETR_EXPECT_CUDA_BUILD=1 "$VENV/bin/python" -m pytest -q -p no:cacheprovider \
     -rs $CUDA_TESTS)
+
+# The same build as a wheel (ninja finds the objects up to date: a link, not a compile), then
+# the wheel as a user installs it: libcudart by soname only, cubins + PTX, and an import with
+# no CUDA_HOME from outside the tree (tests/test_cuda_build.py, part d).
+step "wheel"
+rm -rf "$CUDA_BUILD_DIR/dist"
+(cd "$SRC" && "$VENV/bin/python" setup.py -q bdist_wheel -d "$CUDA_BUILD_DIR/dist" >/dev/null)
+WHEEL=$(ls "$CUDA_BUILD_DIR"/dist/group_detr-*.whl)
+step "the wheel's checks: $(basename "$WHEEL")"
+(cd "$SRC" && GROUP_DETR_CUDA_WHEEL=$WHEEL "$VENV/bin/python" -m pytest -q -p no:cacheprovider \
+    -rs tests/test_cuda_build.py -k wheel)
 step "done"

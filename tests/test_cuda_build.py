@@ -13,6 +13,11 @@
     batched_lsa has its CUDA kernel registered, the library holds sm_80 and sm_90 machine code
     and PTX for the newest architecture, and the built kernels meet the limits of (a)
     (cuobjdump --dump-resource-usage).
+(d) the wheel scripts/ci_cuda_build.sh builds from that build (GROUP_DETR_CUDA_WHEEL): its
+    extension needs libcudart by soname only (no RPATH/RUNPATH into the build machine's
+    toolkit), holds the same machine code and PTX, and imported from the unpacked wheel outside
+    the tree with no CUDA_HOME, CUDA_PATH or LD_LIBRARY_PATH it registers its CUDA kernel with
+    the libcudart of torch's runtime package loaded.
 """
 import importlib.util
 import json
@@ -20,6 +25,8 @@ import os
 import re
 import shutil
 import subprocess
+import sys
+import zipfile
 
 import pytest
 import torch
@@ -267,27 +274,32 @@ def test_built_extension_registers_cuda_kernel():
     assert torch._C._dispatch_has_kernel_for_dispatch_key("group_detr::batched_lsa", "CUDA")
 
 
-def _cuobjdump(*args):
+def _cuobjdump(*args, library=None):
     if CUOBJDUMP is None:
         pytest.skip("cuobjdump not found")
-    result = subprocess.run([CUOBJDUMP, *args, _built_library()], capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run([CUOBJDUMP, *args, library or _built_library()], capture_output=True,
+                            text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     return result.stdout
 
 
-@requires_cuda_build
-def test_built_extension_holds_cubins_and_ptx():
+def check_cubins_and_ptx(library=None):
+    """sm_80 and sm_90 machine code and the newest architecture's PTX in the library."""
     if os.environ.get("TORCH_CUDA_ARCH_LIST", setup_py.DEFAULT_ARCH_LIST) != \
             setup_py.DEFAULT_ARCH_LIST:
         pytest.skip("built for a TORCH_CUDA_ARCH_LIST of the user's")
-    elf = _cuobjdump("--list-elf")
+    elf = _cuobjdump("--list-elf", library=library)
     for arch in ARCHS:
         assert f".sm_{arch}." in elf, elf
-    ptx = _cuobjdump("--list-ptx")
+    ptx = _cuobjdump("--list-ptx", library=library)
     for arch in PTX_ARCHS:
         assert f".sm_{arch}." in ptx, ptx
     assert len(ptx.splitlines()) >= len(PTX_ARCHS)
+
+
+@requires_cuda_build
+def test_built_extension_holds_cubins_and_ptx():
+    check_cubins_and_ptx()
 
 
 def parse_resource_usage(report: str) -> dict:
@@ -318,3 +330,101 @@ def test_built_kernel_resources_within_limits():
         check_limits(name, {"registers": u["REG"], "stack": u["STACK"], "spill_stores": u["LOCAL"],
                             "spill_loads": u["LOCAL"],
                             "smem": u["SHARED"] - RESERVED_SHARED.get(arch, 0)})
+
+
+# --- (d) the CUDA wheel, as a user installs it ------------------------------------------------
+# scripts/ci_cuda_build.sh builds a wheel from the CUDA build and sets GROUP_DETR_CUDA_WHEEL.
+
+CUDA_WHEEL = os.environ.get("GROUP_DETR_CUDA_WHEEL")
+requires_cuda_wheel = pytest.mark.skipif(
+    not CUDA_WHEEL, reason="GROUP_DETR_CUDA_WHEEL is not set (scripts/ci_cuda_build.sh sets it)")
+
+
+@pytest.fixture(scope="module")
+def wheel_site(tmp_path_factory):
+    """The wheel unpacked as pip installs it: a site folder of its own, no source tree."""
+    site = tmp_path_factory.mktemp("wheel_site")
+    with zipfile.ZipFile(CUDA_WHEEL) as wheel:
+        wheel.extractall(site)
+    return site
+
+
+def wheel_library(site):
+    libraries = sorted((site / "group_detr").glob("_C*.so"))
+    assert len(libraries) == 1, libraries
+    return str(libraries[0])
+
+
+def readelf_dynamic(library) -> dict:
+    """NEEDED, RPATH and RUNPATH entries of a shared library's dynamic section (readelf -d)."""
+    readelf = shutil.which("readelf")
+    if readelf is None:
+        pytest.skip("readelf not found")
+    out = subprocess.run([readelf, "-d", library], capture_output=True, text=True, check=True,
+                         timeout=60).stdout
+    entries = {"NEEDED": [], "RPATH": [], "RUNPATH": []}
+    for tag, value in re.findall(r"\((NEEDED|RPATH|RUNPATH)\)\s+[^\[]*\[([^\]]*)\]", out):
+        entries[tag].append(value)
+    return entries
+
+
+def test_parse_readelf_dynamic(monkeypatch):
+    report = ("Dynamic section at offset 0x1 contains 3 entries:\n"
+              "  Tag        Type                         Name/Value\n"
+              " 0x0000000000000001 (NEEDED)             Shared library: [libcudart.so.13]\n"
+              " 0x0000000000000001 (NEEDED)             Shared library: [libc10.so]\n"
+              " 0x000000000000001d (RUNPATH)            Library runpath: [$ORIGIN/../torch/lib]\n")
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/readelf")
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, report))
+    assert readelf_dynamic("x.so") == {"NEEDED": ["libcudart.so.13", "libc10.so"], "RPATH": [],
+                                       "RUNPATH": ["$ORIGIN/../torch/lib"]}
+
+
+@requires_cuda_wheel
+def test_wheel_library_needs_cudart_by_name_only(wheel_site):
+    """The wheel's extension asks for libcudart by its soname and carries no search path of the
+    build machine (its toolkit's lib64 is not on a user's machine): the libcudart it gets is the
+    one the CUDA torch has loaded already."""
+    dynamic = readelf_dynamic(wheel_library(wheel_site))
+    major = torch.version.cuda.split(".")[0]
+    assert any(re.fullmatch(rf"libcudart\.so\.{major}", n) for n in dynamic["NEEDED"]), dynamic
+    assert not any(os.path.isabs(n) for n in dynamic["NEEDED"]), dynamic
+    for paths in dynamic["RPATH"] + dynamic["RUNPATH"]:
+        for entry in paths.split(":"):
+            assert entry.startswith("$ORIGIN"), dynamic
+
+
+@requires_cuda_wheel
+def test_wheel_holds_cubins_and_ptx(wheel_site):
+    check_cubins_and_ptx(wheel_library(wheel_site))
+
+
+@requires_cuda_wheel
+def test_wheel_loads_without_cuda_home(wheel_site, tmp_path):
+    """From outside the tree, with no CUDA_HOME, CUDA_PATH or LD_LIBRARY_PATH: the wheel's
+    group_detr imports, registers its CUDA kernel, and the process's libcudart is torch's
+    (its runtime package in site-packages), not the toolkit's."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("CUDA_HOME", "CUDA_PATH", "LD_LIBRARY_PATH", "PYTHONPATH")}
+    env["PYTHONPATH"] = str(wheel_site)
+    code = (
+        "import torch, group_detr, group_detr._ext as ext\n"
+        "assert ext._C is not None, 'group_detr._C did not load'\n"
+        "print(group_detr.__file__)\n"
+        "print(torch._C._dispatch_has_kernel_for_dispatch_key('group_detr::batched_lsa', 'CUDA'))\n"
+        "import json\n"
+        "print(json.dumps(sorted({l.split()[-1] for l in open('/proc/self/maps') if 'libcudart' in l})))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    module_file, has_kernel, cudart = run.stdout.splitlines()[-3:]
+    assert module_file.startswith(str(wheel_site)), module_file
+    assert has_kernel == "True"
+    cudart = json.loads(cudart)
+    torch_site = os.path.dirname(os.path.dirname(torch.__file__))
+    assert cudart and all(os.path.realpath(p).startswith(os.path.realpath(torch_site))
+                          for p in cudart), (cudart, torch_site)
+    if CUDA_HOME:
+        assert not any(os.path.realpath(p).startswith(os.path.realpath(CUDA_HOME))
+                       for p in cudart), cudart

@@ -47,8 +47,10 @@ struct QueryBlock {
 // vectors (and the four of a Quad) through memory.
 #if defined(__GNUC__)
 #define GROUP_DETR_INLINE inline __attribute__((always_inline))
+#define GROUP_DETR_NOINLINE inline __attribute__((noinline))
 #else
 #define GROUP_DETR_INLINE inline
+#define GROUP_DETR_NOINLINE inline
 #endif
 
 // No contraction of a * b + c into a fused multiply-add except where fmadd asks for one: both
