@@ -20,7 +20,10 @@ Non-finite costs, the one rule (`validate`):
     read (CPU tensors) it is still checked, so out-of-range num_targets raise there; on CUDA it
     is not read, and a problem with bad num_targets comes back as a row of -1.
 """
+from typing import Optional, Sequence, Tuple, Union
+
 import numpy as np
+import numpy.typing
 import torch
 from torch import Tensor
 
@@ -182,11 +185,11 @@ def sanitize_cost(cost: Tensor, num_targets: Tensor) -> Tensor:
 
 def linear_sum_assignment(
     cost: Tensor,
-    num_targets=None,
+    num_targets: Optional[Union[Tensor, Sequence[int]]] = None,
     backend: str = "auto",
     validate: bool = True,
     return_status: bool = False,
-):
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Solve P independent rectangular assignment problems in one call.
 
     Args:
@@ -278,7 +281,8 @@ def _solve(cost: Tensor, num_targets: Tensor, backend: str):
     return torch.ops.group_detr.batched_lsa(cost, num_targets)
 
 
-def scipy_compatible(cost_matrix, maximize: bool = False):
+def scipy_compatible(cost_matrix: numpy.typing.ArrayLike,
+                     maximize: bool = False) -> Tuple[np.ndarray, np.ndarray]:
     """Drop-in for `scipy.optimize.linear_sum_assignment` on one 2-D matrix.
 
     Returns `(row_ind, col_ind)` int64 numpy arrays with row_ind sorted, exactly as scipy does.

@@ -26,7 +26,7 @@ so the package works without Triton. Imports go attention -> kernels -> layout, 
 import functools
 import math
 import warnings
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -390,7 +390,9 @@ class GroupedSelfAttention(nn.Module):
     """
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
-                 batch_first: bool = False, backend: str = "auto", device=None, dtype=None):
+                 batch_first: bool = False, backend: str = "auto",
+                 device: Optional[Union[str, torch.device]] = None,
+                 dtype: Optional[torch.dtype] = None):
         super().__init__()
         if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads != 0:
             raise ValueError(
@@ -399,16 +401,16 @@ class GroupedSelfAttention(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        factory = {"device": device, "dtype": dtype}
         self.embed_dim, self.num_heads = embed_dim, num_heads
         self.head_dim = embed_dim // num_heads
         self.dropout, self.batch_first, self.backend = dropout, batch_first, backend
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim, **factory))
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim, device=device,
+                                                       dtype=dtype))
         if bias:
-            self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **factory))
+            self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, device=device, dtype=dtype))
         else:
             self.register_parameter("in_proj_bias", None)
-        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, device=device, dtype=dtype)
         self._reset_parameters()
 
     def _reset_parameters(self):
@@ -420,7 +422,8 @@ class GroupedSelfAttention(nn.Module):
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor,
                 layout: Optional[QueryLayout] = None, key_padding_mask: Optional[Tensor] = None,
-                need_weights: bool = False, attn_mask: Optional[Tensor] = None):
+                need_weights: bool = False,
+                attn_mask: Optional[Tensor] = None) -> Tuple[Tensor, None]:
         """query, key, value: `(L, B, E)` (`(B, L, E)` if batch_first), the same L and B.
 
         Returns `(out, None)` with out shaped like query, as `nn.MultiheadAttention` does with

@@ -182,7 +182,7 @@ class TrainConfig:
         return max(1, int(round(self.epochs * steps_per_epoch * self.lr_drop_fraction)))
 
 
-def demo_config(**overrides) -> TrainConfig:
+def demo_config(**overrides: Any) -> TrainConfig:
     """The synthetic-data preset behind `python -m group_detr demo`.
 
     Deviations from the paper, and why (issue 13's runs, 2-core CPU, 3000 training images of

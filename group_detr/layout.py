@@ -25,7 +25,7 @@ build an (L, L) mask; `dense_mask` builds one for the reference path and for use
 """
 from dataclasses import dataclass
 from numbers import Integral
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -157,13 +157,13 @@ class QueryLayout:
         transposed = tuple(zip(*self.segment_visibility))
         return _merged_ranges(self.segments, transposed)
 
-    def segment_ids(self, device=None) -> Tensor:
+    def segment_ids(self, device: Optional[Union[str, torch.device]] = None) -> Tensor:
         """int64 `(L,)`: the segment index of every query position."""
         lengths = torch.tensor([end - start for start, end in self.segments], device=device)
         return torch.repeat_interleave(torch.arange(self.num_segments, device=device), lengths)
 
     # ----- dense masks -------------------------------------------------------------------------
-    def dense_mask(self, device=None) -> Tensor:
+    def dense_mask(self, device: Optional[Union[str, torch.device]] = None) -> Tensor:
         """bool `(L, L)`, True where query i MAY attend to key j.
 
         This is the convention of `F.scaled_dot_product_attention`'s boolean `attn_mask`, and the
@@ -174,7 +174,8 @@ class QueryLayout:
         ids = self.segment_ids(device)
         return visibility[ids[:, None], ids[None, :]]
 
-    def mask_mod(self, device=None):
+    def mask_mod(self, device: Optional[Union[str, torch.device]] = None
+                 ) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
         """The layout as a FlexAttention `mask_mod(b, h, q_idx, kv_idx) -> bool` (True = may
         attend, like `dense_mask`): a lookup of the (S, S) segment visibility by the segment ids
         of the two positions, so `create_block_mask` skips the blocks no query of a block sees."""
@@ -186,7 +187,7 @@ class QueryLayout:
 
         return mask_mod
 
-    def mha_attn_mask(self, device=None) -> Tensor:
+    def mha_attn_mask(self, device: Optional[Union[str, torch.device]] = None) -> Tensor:
         """bool `(L, L)` in `nn.MultiheadAttention`'s convention: True where attention is NOT
         allowed (the `attn_mask` DN-DETR / DINO code builds)."""
         return ~self.dense_mask(device)

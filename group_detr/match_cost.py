@@ -26,6 +26,7 @@ from group_detr.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 
 CLASS_COSTS = ("focal", "focal_logsigmoid", "softmax")
 COST_BACKENDS = ("auto", "torch", "fused")
+_VECTOR_LOOP_MULTIPLE = 64  # a multiple of every CPU vector loop's step (2 vectors of 8 or 16)
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -43,6 +44,15 @@ def class_cost_torch(logits: Tensor, labels: Tensor, class_cost: str = "focal",
         prob = logits.softmax(-1)
         return -torch.gather(prob, 2, labels[:, None, :].expand(-1, prob.shape[1], -1))
     picked = torch.gather(logits, 2, labels[:, None, :].expand(-1, logits.shape[1], -1))
+    shape, count = picked.shape, picked.numel()
+    picked = picked.reshape(-1)
+    if picked.device.type == "cpu" and count % _VECTOR_LOOP_MULTIPLE:
+        # torch's CPU loops take the last count % 16 (AVX2) or 32 (AVX-512) elements through
+        # libm's exp rather than Sleef's, other last bits in ~4% of them: padded, every entry
+        # gets the vector loop's bits, as the fused op's do and most of a client's (B*Q, C)
+        # cost's (for ties: README "Exact ties"). Thread chunks of a large tensor may still end
+        # off the multiple.
+        picked = torch.cat([picked, picked.new_zeros(_VECTOR_LOOP_MULTIPLE - count % _VECTOR_LOOP_MULTIPLE)])
     prob = picked.sigmoid()
     if class_cost == "focal_logsigmoid":
         log_prob, log_not_prob = F.logsigmoid(picked), F.logsigmoid(-picked)
@@ -50,7 +60,7 @@ def class_cost_torch(logits: Tensor, labels: Tensor, class_cost: str = "focal",
         log_prob, log_not_prob = (prob + 1e-8).log(), (1 - prob + 1e-8).log()
     neg = (1 - focal_alpha) * (prob**focal_gamma) * (-log_not_prob)
     pos = focal_alpha * ((1 - prob) ** focal_gamma) * (-log_prob)
-    return pos - neg
+    return (pos - neg)[:count].view(shape)
 
 
 def match_cost_torch(logits: Tensor, pred_boxes: Tensor, labels: Tensor, tgt_boxes: Tensor,

@@ -27,7 +27,7 @@ problem (KeyError for a missing dict key), where those matchers raise AssertionE
 checks), IndexError (a class id past the logits) or scipy's ValueError without the problem.
 """
 import warnings
-from typing import Optional
+from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -223,7 +223,8 @@ class GroupMatcher(nn.Module):
         self._warned_unused_masks = False
 
     @torch.no_grad()
-    def cost_matrix(self, outputs, targets):
+    def cost_matrix(self, outputs: Mapping[str, Any],
+                    targets: Sequence[Mapping[str, Tensor]]) -> Tuple[Tensor, List[int]]:
         """Padded matching cost `(B, Q, M_max)` for Q = K*N queries, and the target counts M_i.
 
         Class + L1 + GIoU (`group_detr.match_cost`), plus the mask costs when the outputs hold
@@ -263,7 +264,9 @@ class GroupMatcher(nn.Module):
                                        self.cost_dice, num_points)
 
     @torch.no_grad()
-    def forward(self, outputs, targets, num_groups=None, group_detr=None):
+    def forward(self, outputs: Mapping[str, Any], targets: Sequence[Mapping[str, Tensor]],
+                num_groups: Optional[int] = None,
+                group_detr: Optional[int] = None) -> List[Tuple[Tensor, Tensor]]:
         """Match K groups of queries to the targets.
 
         Args:
@@ -317,7 +320,8 @@ class GroupMatcher(nn.Module):
         return list(zip(query, target))
 
     @torch.no_grad()
-    def assign(self, cost: Tensor, num_targets, num_groups=None):
+    def assign(self, cost: Tensor, num_targets: Union[Tensor, Sequence[int]],
+               num_groups: Optional[int] = None) -> List[Tuple[Tensor, Tensor]]:
         """Match from a precomputed cost (masks, keypoints, other tasks).
 
         Args:

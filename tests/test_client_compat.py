@@ -197,3 +197,30 @@ def test_sparse_pred_masks_get_a_clear_error():
         indices = GroupMatcher()(outputs, targets)
     boxes_only = GroupMatcher()({"pred_logits": logits, "pred_boxes": boxes}, targets)
     assert torch.equal(indices[0][0], boxes_only[0][0])
+
+
+def focal_cost_from_prob(prob, logits, class_cost):
+    """class_cost_torch's focal formula from a given sigmoid."""
+    if class_cost == "focal_logsigmoid":
+        log_prob, log_not_prob = F.logsigmoid(logits), F.logsigmoid(-logits)
+    else:
+        log_prob, log_not_prob = (prob + 1e-8).log(), (1 - prob + 1e-8).log()
+    return 0.25 * ((1 - prob) ** 2) * (-log_prob) - 0.75 * (prob ** 2) * (-log_not_prob)
+
+
+@pytest.mark.parametrize("class_cost", ["focal", "focal_logsigmoid"])
+def test_torch_cost_of_a_small_tensor_has_the_vector_loops_bits(class_cost):
+    """torch's CPU loops compute a remainder of fewer than 16 or 32 elements with libm's exp: the
+    torch cost pads, so a small problem's entries get the bits a client's large (B*Q, C) cost
+    has for them. 63 logits (a remainder of 15 or 31) whose cost the libm sigmoid changes."""
+    sweep = torch.linspace(-12, 12, 64 * 1000)
+    libm_sigmoid = torch.stack([sweep, sweep], 1).view(-1)[::2].sigmoid()  # strided: scalar loop
+    changed = (focal_cost_from_prob(libm_sigmoid, sweep, class_cost)
+               != focal_cost_from_prob(sweep.sigmoid(), sweep, class_cost))
+    sensitive = sweep[changed][:63]
+    assert sensitive.numel() == 63
+    logits = sensitive.view(1, 63, 1)
+    labels = torch.zeros(1, 1, dtype=torch.int64)
+    small = class_cost_torch(logits, labels, class_cost)
+    in_a_large_tensor = class_cost_torch(logits.repeat(1, 64, 1), labels, class_cost)[:, :63]
+    assert torch.equal(small, in_a_large_tensor)

@@ -376,3 +376,13 @@ def test_cli_demo_settings_follow_the_synthetic_preset():
     given = _follow_the_preset(config_from_dict(vars(build_parser().parse_args(
         ["demo", "--synthetic", "hard", "--data-dir", "mine"]))))
     assert given.data_dir == "mine" and given.synthetic == "hard"
+
+
+def test_cli_demo_without_a_synthetic_preset_is_a_clear_error(monkeypatch):
+    """The demo's parser always sets a preset; the check behind it (which also narrows the type)
+    still says what is wrong should a config arrive without one."""
+    import group_detr.__main__ as cli
+
+    monkeypatch.setattr(cli, "_follow_the_preset", lambda c: dataclasses.replace(c, synthetic=None))
+    with pytest.raises(ValueError, match="the demo trains on a synthetic preset, but config.synthetic is None"):
+        main(["demo", "--epochs", "1"])

@@ -14,7 +14,7 @@ added to the K groups' losses as loss_ce_dn, loss_bbox_dn, loss_giou_dn (and `_{
 """
 import functools
 import operator
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -88,7 +88,7 @@ class SetCriterion(nn.Module):
         return total_queries // self.queries_per_group
 
     @staticmethod
-    def num_boxes(targets: Sequence[Dict], device) -> Tensor:
+    def num_boxes(targets: Sequence[Dict], device: Union[str, torch.device]) -> Tensor:
         """The number of target boxes, averaged over processes, at least 1."""
         # torch.full writes on the device; torch.tensor(x, device=cuda) would be a blocking copy.
         num_boxes = torch.full((), float(sum(len(t["labels"]) for t in targets)), device=device)
@@ -97,7 +97,8 @@ class SetCriterion(nn.Module):
             num_boxes = num_boxes / dist.get_world_size()
         return num_boxes.clamp(min=1.0)
 
-    def normaliser(self, targets: Sequence[Dict], num_groups: int, device) -> Tensor:
+    def normaliser(self, targets: Sequence[Dict], num_groups: int,
+                   device: Union[str, torch.device]) -> Tensor:
         """num_boxes (averaged over processes, at least 1) * K."""
         return self.num_boxes(targets, device) * num_groups
 

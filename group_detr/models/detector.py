@@ -144,7 +144,7 @@ def build_group_detr(num_classes: int, num_groups: int = 11, num_queries: int = 
                      backbone_weights: Optional[str] = None, hidden_dim: int = 256, nheads: int = 8,
                      enc_layers: int = 6, dec_layers: int = 6, dim_feedforward: int = 2048,
                      dropout: float = 0.1, aux_loss: bool = True,
-                     small_widths=(32, 64, 128, 256), small_norm: str = "batch",
+                     small_widths: Sequence[int] = (32, 64, 128, 256), small_norm: str = "batch",
                      attention_backend: str = "auto", denoising_queries: int = 0,
                      denoising_label_noise: float = 0.5, denoising_box_noise: float = 1.0,
                      denoising_contrastive: bool = True) -> GroupDETR:
@@ -156,7 +156,7 @@ def build_group_detr(num_classes: int, num_groups: int = 11, num_queries: int = 
     (`group_detr.attention.BACKENDS`). denoising_queries > 0 adds DINO's contrastive denoising
     with that budget and the three noise settings (`ContrastiveDenoising`).
     """
-    joiner = build_backbone(backbone, hidden_dim, backbone_weights, small_widths, small_norm)
+    joiner = build_backbone(backbone, hidden_dim, backbone_weights, tuple(small_widths), small_norm)
     transformer = Transformer(hidden_dim, nheads, enc_layers, dec_layers, dim_feedforward, dropout,
                               attention_backend)
     denoising = None
