@@ -121,7 +121,9 @@ inline V min_(V a, V b) { return {_mm256_min_ps(a.v, b.v)}; }
 inline V max_(V a, V b) { return {_mm256_max_ps(a.v, b.v)}; }
 inline V abs_(V a) { return {_mm256_andnot_ps(_mm256_set1_ps(-0.0f), a.v)}; }
 inline V floor_(V a) { return {_mm256_floor_ps(a.v)}; }
-inline V round_(V a) { return {_mm256_round_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
+inline V round_(V a) {
+  return {_mm256_round_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
+}
 inline V select(Mask m, V a, V b) { return {_mm256_blendv_ps(b.v, a.v, m.v)}; }
 inline Mask lt(V a, V b) { return {_mm256_cmp_ps(a.v, b.v, _CMP_LT_OQ)}; }
 inline Mask gt(V a, V b) { return {_mm256_cmp_ps(a.v, b.v, _CMP_GT_OQ)}; }
