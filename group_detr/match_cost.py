@@ -6,14 +6,14 @@ one of two backends:
 - "torch": the reference, torch ops (any device, float32). It reads only the logits at the
   target classes, so the transcendental functions run on B*Q*M entries instead of B*Q*C.
 - "fused": the extension's `group_detr::match_cost` op (csrc/cost, CPU): one pass from the
-  inputs to the cost, 16 queries per block (AVX-512 or AVX2 where the CPU has it), the class term once per
-  (query, distinct target class), blocks of queries over the intra-op threads, no temporaries.
-  Its sigmoid, exp, log and log1p are the algorithms torch's vectorised CPU kernels run
-  (Sleef's), so on x86-64 the "focal_logsigmoid" cost and the sigmoid are torch's bit for bit.
-  The "focal" cost's log is not: torch's `Tensor.log` on x86-64 is MKL's, which cannot be
-  reproduced (about 3% of its results are 1 ulp from Sleef's), nor is the softmax (another
-  summation order) or p^gamma for a gamma other than 2 (torch: Sleef's powf): those agree with
-  the reference to a few float32 ulp. README "Exact ties" says what that means for indices.
+  inputs to the cost, 16 queries per block (AVX-512 or AVX2 where the CPU has it), the class
+  term once per (query, distinct target class), blocks of queries over the intra-op threads, no
+  temporaries. Its sigmoid and log-sigmoid run the algorithms torch's vectorised CPU kernels run
+  (Sleef's exp and log1p), so the sigmoid, the "focal_logsigmoid" cost, L1 and GIoU are torch's
+  bits. The "focal" cost's log is its own: torch's `Tensor.log` on x86-64 is MKL's, which no
+  other code reproduces (0.5% of the cost entries are then 1 ulp off); so are the softmax
+  (another summation order) and p^gamma for a gamma other than 2 (torch: Sleef's powf). README
+  "Exact ties" says what that means for indices.
 
 "auto" takes "fused" for CPU tensors when it is built and no gradient is asked for, else "torch".
 """
