@@ -553,6 +553,23 @@ def count_syncs(trainer: Trainer, batch, device: torch.device) -> Dict:
 # ------------------------------------------------------------------------------------------------
 # the measurement
 # ------------------------------------------------------------------------------------------------
+def timed_step(trainer: Trainer, batch, seed: int, device: torch.device, what: str):
+    """One training step under a fixed dropout seed: (loss, wall ms, region ms).
+
+    Raises FloatingPointError naming `what` when the loss is not finite."""
+    torch.manual_seed(seed)  # the same dropout stream for every configuration where they draw alike
+    start = time.perf_counter()
+    loss_tensor = trainer.step(*batch)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = (time.perf_counter() - start) * 1e3
+    regions = trainer.timer.collect()
+    loss = float(loss_tensor)  # after the clock stops: the host read is not the step's
+    if not np.isfinite(loss):
+        raise FloatingPointError(f"{what}: loss {loss}")
+    return loss, elapsed, regions
+
+
 def run_case(size: Size, num_groups: int, device: torch.device, warmup: int, repeats: int, seed: int,
              log=print) -> Dict:
     """Both configurations at one (size, K): warmup + repeats interleaved steps each."""
@@ -565,18 +582,10 @@ def run_case(size: Size, num_groups: int, device: torch.device, warmup: int, rep
         # Alternate the order, so that neither configuration always runs on a warmer cache.
         order = CONFIGURATIONS if i % 2 == 0 else CONFIGURATIONS[::-1]
         for name in order:
-            trainer = trainers[name]
-            torch.manual_seed(seed + i)  # the same dropout stream for both where they draw alike
-            start = time.perf_counter()
-            loss = trainer.step(*batches[i])
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            elapsed = (time.perf_counter() - start) * 1e3
-            regions = trainer.timer.collect()
+            loss, elapsed, regions = timed_step(trainers[name], batches[i], seed + i, device,
+                                                f"{size.name} K={num_groups} {name} step {i}")
             rec = records[name]
-            rec["loss"].append(float(loss))
-            if not np.isfinite(rec["loss"][-1]):
-                raise FloatingPointError(f"{size.name} K={num_groups} {name}: loss {rec['loss'][-1]} at step {i}")
+            rec["loss"].append(loss)
             if i < warmup:
                 continue
             rec["step"].append(elapsed)
@@ -796,15 +805,8 @@ def run_denoising_case(size: Size, num_groups: int, device: torch.device, warmup
         for i in range(warmup + repeats):
             for dn in (("off", "on") if i % 2 == 0 else ("on", "off")):
                 trainer = trainers[dn]
-                torch.manual_seed(seed + i)
-                start = time.perf_counter()
-                loss = trainer.step(*batches[i])
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                elapsed = (time.perf_counter() - start) * 1e3
-                regions = trainer.timer.collect()
-                if not np.isfinite(float(loss)):
-                    raise FloatingPointError(f"K={num_groups} {backend} denoising {dn}: loss {float(loss)} at step {i}")
+                _, elapsed, regions = timed_step(trainer, batches[i], seed + i, device,
+                                                 f"K={num_groups} {backend} denoising {dn} step {i}")
                 meta = trainer.last_denoising
                 layout = None if meta is None else (meta["num_groups"], meta["group_size"])
                 new = dn == "on" and layout not in seen

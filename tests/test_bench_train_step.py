@@ -93,3 +93,30 @@ def test_table_and_plot(report, tmp_path, capsys):
     path = tmp_path / "train_step.png"
     assert bench.plot(report, str(path))
     assert path.stat().st_size > 0
+
+
+def test_timed_step_stops_at_a_non_finite_loss():
+    """A diverged configuration is reported by name, not timed on as if it trained."""
+
+    class Diverged:
+        timer = bench.RegionTimer(torch.device("cpu"))
+
+        def step(self, *batch):
+            return torch.tensor(float("nan"))
+
+    with pytest.raises(FloatingPointError, match="tiny K=3 ours step 4: loss nan"):
+        bench.timed_step(Diverged(), (), seed=0, device=torch.device("cpu"), what="tiny K=3 ours step 4")
+    loss, elapsed, regions = bench.timed_step(
+        type("Finite", (Diverged,), {"step": lambda self, *b: torch.tensor(2.5)})(), (), seed=0,
+        device=torch.device("cpu"), what="finite")
+    assert loss == 2.5 and elapsed >= 0 and set(regions) == {"matching", "self_attention"}
+
+
+def test_denoising_case_runs_both_settings_per_backend():
+    """Table 2's step timing: denoising off and on per CPU backend, on the same batches."""
+    result = bench.run_denoising_case(tiny_size(), 3, torch.device("cpu"), warmup=1, repeats=2, seed=0,
+                                      log=lambda *a, **k: None)
+    assert set(result) == set(bench.denoising_backends(torch.device("cpu")))
+    for entry in result.values():
+        assert entry["off"]["step"]["median_ms"] > 0 and entry["on"]["step"]["median_ms"] > 0
+        assert entry["layouts"] >= 1 and math.isfinite(entry["overhead"])
