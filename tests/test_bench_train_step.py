@@ -98,17 +98,17 @@ def test_table_and_plot(report, tmp_path, capsys):
 def test_timed_step_stops_at_a_non_finite_loss():
     """A diverged configuration is reported by name, not timed on as if it trained."""
 
-    class Diverged:
-        timer = bench.RegionTimer(torch.device("cpu"))
+    class FixedLoss:
+        def __init__(self, loss):
+            self.loss, self.timer = loss, bench.RegionTimer(torch.device("cpu"))
 
         def step(self, *batch):
-            return torch.tensor(float("nan"))
+            return torch.tensor(self.loss)
 
+    cpu = torch.device("cpu")
     with pytest.raises(FloatingPointError, match="tiny K=3 ours step 4: loss nan"):
-        bench.timed_step(Diverged(), (), seed=0, device=torch.device("cpu"), what="tiny K=3 ours step 4")
-    loss, elapsed, regions = bench.timed_step(
-        type("Finite", (Diverged,), {"step": lambda self, *b: torch.tensor(2.5)})(), (), seed=0,
-        device=torch.device("cpu"), what="finite")
+        bench.timed_step(FixedLoss(float("nan")), (), seed=0, device=cpu, what="tiny K=3 ours step 4")
+    loss, elapsed, regions = bench.timed_step(FixedLoss(2.5), (), seed=0, device=cpu, what="finite")
     assert loss == 2.5 and elapsed >= 0 and set(regions) == {"matching", "self_attention"}
 
 
